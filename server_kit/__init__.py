@@ -1,0 +1,7 @@
+"""The server kit shared by the three Modelyard services.
+
+asyncio gRPC server bootstrap with health and reflection (`server`), domain
+errors and their one mapping to gRPC statuses (`errors`, `interceptors`),
+settings from flags and `MODELYARD_*` environment variables (`settings`), and
+logging with request ids (`logs`).
+"""
