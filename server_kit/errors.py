@@ -49,9 +49,7 @@ class ModelyardError(Exception):
 
     def to_status(self, request_id: str = "") -> status_pb2.Status:
         """The `google.rpc.Status` this error is sent as."""
-        return build_status(
-            self.code, self.message, self.reason, self.metadata, self.violations, request_id
-        )
+        return build_status(self.code, self.message, self.reason, self.metadata, self.violations, request_id)
 
 
 class InvalidArgument(ModelyardError):
@@ -159,6 +157,4 @@ def build_status(
             )
         )
         details.append(bad)
-    return status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=details
-    )
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)

@@ -1,0 +1,160 @@
+"""asyncio gRPC server bootstrap shared by the three services.
+
+A service is a `ServiceApp`: it opens its resources in `start()`, adds its
+servicer to a server in `add_to_server()`, and releases everything in
+`stop()`. `GrpcServer` runs one app on one address with:
+
+- `grpc.health.v1.Health`, reporting SERVING for the overall server and for
+  each of the app's services once started;
+- server reflection for the app's services and health;
+- the error/request-id interceptor (plus any others, e.g. auth);
+- bounded message sizes;
+- graceful shutdown: health NOT_SERVING first, then `server.stop(grace)`
+  lets in-flight RPCs finish, then the app stops.
+
+`run()` starts one or more servers in one event loop and stops them all on
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server_kit.interceptors import ErrorInterceptor
+
+log = logging.getLogger("modelyard.server")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServiceApp(Protocol):
+    """What a service gives the kit."""
+
+    @property
+    def service_names(self) -> Sequence[str]:
+        """Full names of the gRPC services served, e.g. `modelyard.catalog.v1.CatalogService`."""
+
+    async def start(self) -> None:
+        """Open resources (database, engine); called before the port serves."""
+
+    def add_to_server(self, server: aio.Server) -> None:
+        """Register the app's servicers on `server`."""
+
+    async def stop(self) -> None:
+        """Release resources; called after the server has drained."""
+
+
+class GrpcServer:
+    """One app on one address, with health, reflection and graceful shutdown."""
+
+    def __init__(
+        self,
+        app: ServiceApp,
+        address: str,
+        *,
+        grace_seconds: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        interceptors: Sequence[aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        max_concurrent_rpcs: int | None = None,
+        drain_seconds: float = 0.0,
+    ) -> None:
+        self.app = app
+        self.address = address
+        self.grace_seconds = grace_seconds
+        self.drain_seconds = drain_seconds
+        self.health = health.aio.HealthServicer()
+        self._interceptors = [*interceptors, ErrorInterceptor()]
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._server: aio.Server | None = None
+        self._credentials = credentials
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Start the app, bind, serve; returns the bound port (useful with port 0)."""
+        # The aio server binds to the running loop, so it is made here.
+        self._server = aio.server(
+            interceptors=self._interceptors,
+            options=self._options,
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
+        )
+        await self.app.start()
+        self.app.add_to_server(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self._server)
+        if self._credentials is not None:
+            self.port = self._server.add_secure_port(self.address, self._credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.address)
+        await self._server.start()
+        for name in ["", *self.app.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (port %d)", ", ".join(self.app.service_names), self.address, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully.
+
+        Health turns NOT_SERVING at once and the server keeps answering for
+        `drain_seconds` (so load balancers and probes see it), then refuses new
+        RPCs and gives in-flight ones `grace` seconds, then the app stops.
+        """
+        if self._stopped.is_set() or self._server is None:
+            return
+        self._stopped.set()
+        grace = self.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.drain_seconds > 0:
+            await asyncio.sleep(self.drain_seconds)
+        log.info("draining %s for up to %.1f s", ", ".join(self.app.service_names), grace)
+        await self._server.stop(grace)
+        await self.app.stop()
+        log.info("stopped %s", ", ".join(self.app.service_names))
+
+    @property
+    def target(self) -> str:
+        """`host:port` a local client dials (the bound port, on loopback for wildcard hosts)."""
+        host = self.address.rsplit(":", 1)[0]
+        if host in ("[::]", "0.0.0.0", ""):
+            host = "localhost"
+        return f"{host}:{self.port}"
+
+    async def wait_for_termination(self) -> None:
+        """Return when the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def run(servers: Sequence[GrpcServer]) -> None:
+    """Start `servers`, then stop them all gracefully on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[GrpcServer] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+        await stop.wait()
+        log.info("shutdown requested")
+    finally:
+        await asyncio.gather(*(server.stop() for server in reversed(started)))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
