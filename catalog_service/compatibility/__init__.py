@@ -1,0 +1,135 @@
+"""Which worker can run a model, and why not: per-rule compatibility reports.
+
+`check(model, worker_or_spec)` evaluates the target engine's rules (the common
+rules of `rules.COMMON_RULES` plus the engine's extra rules, always the same
+list for an engine) and returns a `CompatibilityReport`: one `RuleResult` per
+rule with PASS / WARN / FAIL / SKIP and a message a person can act on, the
+verdict (INCOMPATIBLE if any rule fails, COMPATIBLE_WITH_WARNINGS if any
+warns, else COMPATIBLE) and the estimated memory.
+
+Engines are data: one module per engine under `engines/` builds an
+`EngineTable` and registers it by the engine name workers report (`vllm`,
+`transformers`, `peft`, `diffusers`, `llama-cpp`). A worker whose engine is not
+registered gets a report whose `engine` rule FAILs.
+
+Pure domain code: no gRPC and no store. The catalog passes `lookup_model`
+(name -> Model or None) so that an adapter's base model can be found.
+"""
+
+from __future__ import annotations
+
+from catalog_service.compatibility import engines
+from catalog_service.compatibility.rules import (
+    COMMON_RULES,
+    FAIL,
+    SKIP,
+    CompatibilityReport,
+    Context,
+    EngineSpec,
+    EngineTable,
+    Model,
+    ModelLookup,
+    RuleResult,
+    Target,
+    Worker,
+    verdict_of,
+)
+from modelyard.catalog.v1 import worker_pb2
+
+__all__ = [
+    "EngineTable",
+    "check",
+    "engine_names",
+    "rule_names",
+    "verdict_of",
+]
+
+
+#: Rules that still mean something when the engine does not run the model's kind;
+#: the others are SKIPped then, so the report shows the one reason that matters.
+_KIND_INDEPENDENT = frozenset({"engine", "model_state", "kind", "role"})
+
+
+def engine_names() -> list[str]:
+    """Names of the engines the rules know."""
+    return engines.names()
+
+
+def rule_names(engine: str) -> list[str]:
+    """Rule ids a report for `engine` has, in order (the common rules for an unknown engine)."""
+    table = engines.get(engine)
+    return table.rule_names if table else [rule.name for rule in COMMON_RULES]
+
+
+def check(
+    model: Model,
+    target: Worker | EngineSpec,
+    *,
+    role: worker_pb2.WorkerRole.ValueType | None = None,
+    lookup_model: ModelLookup | None = None,
+    training_method: str | None = None,
+) -> CompatibilityReport:
+    """Check whether `model` can run on `target` (a registered worker or an engine spec), rule by rule.
+
+    `role` is the role the caller needs (any when None or unspecified);
+    `lookup_model` finds catalog models by name (an adapter's base);
+    `training_method` (`lora`, `qlora`, `full`, `dpo`) narrows the training rules.
+    """
+    requested = role or None
+    return _check(model, Target.of(target), requested, lookup_model, training_method, frozenset())
+
+
+def _check(
+    model: Model,
+    target: Target,
+    role: worker_pb2.WorkerRole.ValueType | None,
+    lookup_model: ModelLookup | None,
+    training_method: str | None,
+    visited: frozenset[str],
+) -> CompatibilityReport:
+    report = CompatibilityReport(model=model.name, worker=target.name, engine=target.engine)
+    table = engines.get(target.engine)
+    if table is None:
+        known = ", ".join(engines.names())
+        shown = repr(target.engine) if target.engine else "(none)"
+        report.results.append(
+            RuleResult(
+                rule="engine",
+                outcome=FAIL,
+                message=f"unknown engine {shown}; the worker must report one of: {known}",
+            )
+        )
+        for rule in COMMON_RULES[1:]:
+            report.results.append(
+                RuleResult(rule=rule.name, outcome=SKIP, message="not checked: the engine is unknown")
+            )
+        report.verdict = verdict_of(report.results)
+        return report
+
+    def check_other(other: Model) -> CompatibilityReport:
+        return _check(other, target, role, lookup_model, None, visited | {model.name})
+
+    ctx = Context(
+        model=model,
+        target=target,
+        table=table,
+        engines=engines.tables(),
+        requested_role=role,
+        training_method=training_method,
+        lookup_model=lookup_model,
+        check_other=check_other,
+        visited=visited,
+    )
+    kind_failed = False
+    for rule in (*COMMON_RULES, *table.extra_rules):
+        if kind_failed and rule.name not in _KIND_INDEPENDENT:
+            message = f"not checked: {table.name} does not run this kind of model (see kind)"
+            report.results.append(RuleResult(rule=rule.name, outcome=SKIP, message=message))
+            continue
+        finding = rule.evaluate(ctx)
+        report.results.append(RuleResult(rule=rule.name, outcome=finding.outcome, message=finding.message))
+        kind_failed = kind_failed or (rule.name == "kind" and finding.outcome == FAIL)
+    report.verdict = verdict_of(report.results)
+    if not kind_failed and ctx.memory is not None:
+        report.estimated_memory_bytes = ctx.memory.total
+    return report

@@ -1,0 +1,950 @@
+"""Compatibility rules shared by every engine, and the engine table they read.
+
+A rule looks at one model and one target (a registered worker or an engine
+spec) and returns a `Finding`: an outcome (PASS / WARN / FAIL / SKIP) and a
+message a person can act on. Every engine evaluates the same list of common
+rules (`COMMON_RULES`, in that order) plus the extra rules of its
+`EngineTable`, so a report always has the same rule ids for a given engine;
+a rule that does not apply answers SKIP and says why.
+
+What an engine supports comes from two places: the worker's own
+`WorkerCapabilities` (discovered at start-up, see `server_kit.capabilities`)
+and, for every list the worker left empty, the defaults of the engine's table.
+A list the worker declares is authoritative; a default list is only as good as
+the table says (`EngineTable.default_architectures_complete`).
+
+Decisions worth knowing:
+
+* context_length: a worker's `max_context_length` is the longest sequence it
+  serves (vLLM's `max_model_len`). When the model's context is longer the model
+  still runs, capped at the worker's limit — vLLM starts fine with a smaller
+  `max_model_len`, it is a larger one (beyond what the model derives) that it
+  refuses — so the rule WARNs ("will be served at 4096 tokens"). It FAILs only
+  for a worker that declares a limit below one token, which cannot serve
+  anything. An unknown model context WARNs (nothing is guessed silently).
+* memory: weights (parameter count x bytes per parameter of the dtype or the
+  quantization's bits; a GGUF file's size) plus the KV cache,
+  2 x layers x kv_heads x head_dim x tokens x 2 bytes (4 for float32 models).
+  vLLM must fit one full-length sequence at start-up, so its KV cache is
+  counted for the whole served context; other engines count
+  `EngineTable.kv_cache_tokens` tokens at most (4096). The estimate is
+  compared with the device's free memory (its total when free is not
+  reported): FAIL when larger, WARN above 90 %. A model already loaded on the
+  worker passes. Training engines estimate per method (see `peft`).
+* lora: an LLM adapter needs a worker that applies LoRA, a rank within its
+  `max_lora_rank`, and its base model in the catalog, which must itself pass
+  every rule on the same worker.
+* trust_remote_code: a model whose config maps classes to custom code fails
+  on a worker that does not allow remote code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from modelyard.catalog.v1 import model_pb2, worker_pb2
+
+Model = model_pb2.Model
+Worker = worker_pb2.Worker
+EngineSpec = worker_pb2.EngineSpec
+CompatibilityReport = worker_pb2.CompatibilityReport
+RuleResult = worker_pb2.RuleResult
+ModelLookup = Callable[[str], "model_pb2.Model | None"]
+
+PASS = worker_pb2.RULE_OUTCOME_PASS
+WARN = worker_pb2.RULE_OUTCOME_WARN
+FAIL = worker_pb2.RULE_OUTCOME_FAIL
+SKIP = worker_pb2.RULE_OUTCOME_SKIP
+
+INFERENCE = worker_pb2.WORKER_ROLE_INFERENCE
+TRAINING = worker_pb2.WORKER_ROLE_TRAINING
+
+GIB = 1024**3
+MIB = 1024**2
+#: Tokens of KV cache counted when neither the model nor the worker says more.
+DEFAULT_CONTEXT_TOKENS = 4096
+#: Above this share of the available memory the memory rule warns.
+MEMORY_WARN_RATIO = 0.9
+
+
+class Finding(NamedTuple):
+    """What one rule found: an outcome and a message a person can act on."""
+
+    outcome: worker_pb2.RuleOutcome.ValueType
+    message: str
+
+
+def passed(message: str) -> Finding:
+    """A PASS finding."""
+    return Finding(PASS, message)
+
+
+def warned(message: str) -> Finding:
+    """A WARN finding."""
+    return Finding(WARN, message)
+
+
+def failed(message: str) -> Finding:
+    """A FAIL finding."""
+    return Finding(FAIL, message)
+
+
+def skipped(message: str) -> Finding:
+    """A SKIP finding: the rule does not apply."""
+    return Finding(SKIP, message)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rule: `evaluate(context)` returns its finding."""
+
+    name: str
+    evaluate: Callable[[Context], Finding]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory a model needs on a target, with the parts a person wants to see."""
+
+    total: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class EngineTable:
+    """What an engine can run, as data. One per engine module, registered by name.
+
+    Lists here are the defaults used when a worker leaves the matching list of
+    its capabilities empty.
+    """
+
+    name: str
+    roles: frozenset[worker_pb2.WorkerRole.ValueType]
+    kinds: frozenset[model_pb2.ModelKind.ValueType]
+    weight_formats: frozenset[model_pb2.WeightFormat.ValueType]
+    quantizations: frozenset[str] = frozenset()
+    #: Architectures when the worker lists none; None when the table cannot say.
+    default_architectures: Callable[[], frozenset[str]] | None = None
+    #: True when `default_architectures` is the engine's whole list (a miss FAILs);
+    #: False for a list of common ones (a miss only WARNs).
+    default_architectures_complete: bool = False
+    image_base_models: frozenset[model_pb2.ImageBaseModel.ValueType] = frozenset()
+    training_methods: frozenset[str] = frozenset()
+    #: KV cache tokens counted at most; None counts the whole served context.
+    kv_cache_tokens: int | None = DEFAULT_CONTEXT_TOKENS
+    #: Estimates memory; None uses `estimate_inference_memory`.
+    estimate_memory: Callable[[Context], MemoryEstimate | None] | None = None
+    #: Other names of an architecture on this engine (transformers `model_type` -> engine name).
+    architecture_aliases: Mapping[str, str] = field(default_factory=dict)
+    #: Said after an unsupported-architecture message (which engine to use instead).
+    architecture_hint: str = ""
+    #: Engine-specific rules evaluated after the common ones.
+    extra_rules: tuple[Rule, ...] = ()
+
+    @property
+    def rule_names(self) -> list[str]:
+        """Ids of every rule this engine evaluates, in report order."""
+        return [rule.name for rule in (*COMMON_RULES, *self.extra_rules)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registered worker or an engine spec, seen the same way by the rules."""
+
+    name: str
+    role: worker_pb2.WorkerRole.ValueType
+    capabilities: worker_pb2.WorkerCapabilities
+    device: worker_pb2.Device | None
+    loaded: frozenset[str]
+
+    @classmethod
+    def of(cls, target: Worker | EngineSpec) -> Target:
+        """Normalize a `Worker` or an `EngineSpec`."""
+        device = target.device if target.HasField("device") else None
+        if isinstance(target, worker_pb2.Worker):
+            loaded = {m.model for m in target.loaded_models}
+            loaded.update(a for m in target.loaded_models for a in m.adapters)
+            return cls(target.name, target.role, target.capabilities, device, frozenset(loaded))
+        return cls("", target.role, target.capabilities, device, frozenset())
+
+    @property
+    def engine(self) -> str:
+        """Engine name as the worker reported it."""
+        return self.capabilities.engine
+
+    @property
+    def engine_label(self) -> str:
+        """`vllm 0.32.0`, or just `vllm` when no version was reported."""
+        caps = self.capabilities
+        return f"{caps.engine} {caps.engine_version}".strip()
+
+
+@dataclass
+class Context:
+    """Everything a rule may look at. Built once per (model, target) check."""
+
+    model: Model
+    target: Target
+    table: EngineTable
+    engines: Sequence[EngineTable]
+    requested_role: worker_pb2.WorkerRole.ValueType | None = None
+    training_method: str | None = None
+    lookup_model: ModelLookup | None = None
+    #: Checks another model (an adapter's base) on the same target.
+    check_other: Callable[[Model], CompatibilityReport] | None = None
+    visited: frozenset[str] = field(default_factory=frozenset)
+
+    # -- the model -----------------------------------------------------------
+
+    @property
+    def kind(self) -> model_pb2.ModelKind.ValueType:
+        """The model's kind, from `kind` or else from its config."""
+        return model_kind(self.model)
+
+    @property
+    def llm(self) -> model_pb2.LlmConfig | None:
+        """The LLM config, when the model has one."""
+        return self.model.llm if self.model.WhichOneof("config") == "llm" else None
+
+    @property
+    def image(self) -> model_pb2.ImageConfig | None:
+        """The image config, when the model has one."""
+        return self.model.image if self.model.WhichOneof("config") == "image" else None
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for an LLM LoRA adapter or an image LoRA."""
+        return is_adapter(self.model)
+
+    @property
+    def weight_format(self) -> model_pb2.WeightFormat.ValueType:
+        """Weight format from the config (unspecified when unknown)."""
+        if self.llm is not None:
+            return self.llm.weight_format
+        if self.image is not None:
+            return self.image.weight_format
+        return model_pb2.WEIGHT_FORMAT_UNSPECIFIED
+
+    # -- the target, with the table's defaults -------------------------------
+
+    @property
+    def role(self) -> worker_pb2.WorkerRole.ValueType:
+        """The target's role; for a spec without one, the engine's only role."""
+        if self.target.role != worker_pb2.WORKER_ROLE_UNSPECIFIED:
+            return self.target.role
+        if len(self.table.roles) == 1:
+            return next(iter(self.table.roles))
+        return self.requested_role or worker_pb2.WORKER_ROLE_UNSPECIFIED
+
+    @property
+    def kinds(self) -> frozenset[model_pb2.ModelKind.ValueType]:
+        """Kinds the target runs."""
+        return frozenset(self.target.capabilities.kinds) or self.table.kinds
+
+    @property
+    def weight_formats(self) -> frozenset[model_pb2.WeightFormat.ValueType]:
+        """Weight formats the target loads."""
+        return frozenset(self.target.capabilities.weight_formats) or self.table.weight_formats
+
+    @property
+    def quantizations(self) -> frozenset[str]:
+        """Quantization methods the target supports, normalized."""
+        declared = self.target.capabilities.quantizations
+        return frozenset(normalize_quantization(q) for q in (declared or self.table.quantizations))
+
+    @property
+    def image_base_models(self) -> frozenset[model_pb2.ImageBaseModel.ValueType]:
+        """Image base models the target runs."""
+        return frozenset(self.target.capabilities.image_base_models) or self.table.image_base_models
+
+    @property
+    def training_methods(self) -> list[str]:
+        """Training methods the target offers, in its order."""
+        declared = list(self.target.capabilities.training_methods)
+        return declared or sorted(self.table.training_methods)
+
+    def max_context(self) -> int | None:
+        """The target's `max_context_length`, when it declares one."""
+        caps = self.target.capabilities
+        return caps.max_context_length if caps.HasField("max_context_length") else None
+
+    def served_context(self) -> int:
+        """Tokens one sequence can have on the target: model context capped by the worker's."""
+        llm = self.llm
+        model_ctx = llm.context_length if llm is not None and llm.HasField("context_length") else None
+        limits = [n for n in (model_ctx, self.max_context()) if n is not None and n > 0]
+        return min(limits) if limits else DEFAULT_CONTEXT_TOKENS
+
+    def for_model(self, model: Model) -> Context:
+        """The same context for another model (an adapter's base)."""
+        return dataclasses.replace(self, model=model, visited=self.visited | {self.model.name})
+
+    @functools.cached_property
+    def memory(self) -> MemoryEstimate | None:
+        """Memory the model needs on this target, or None when it cannot be estimated."""
+        estimator = self.table.estimate_memory or estimate_inference_memory
+        return estimator(self)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def model_kind(model: Model) -> model_pb2.ModelKind.ValueType:
+    """The model's kind, from `kind` or else from its `config` oneof."""
+    if model.kind != model_pb2.MODEL_KIND_UNSPECIFIED:
+        return model.kind
+    return {
+        "llm": model_pb2.MODEL_KIND_LLM,
+        "image": model_pb2.MODEL_KIND_IMAGE,
+        "audio": model_pb2.MODEL_KIND_AUDIO,
+        "video": model_pb2.MODEL_KIND_VIDEO,
+    }.get(model.WhichOneof("config") or "", model_pb2.MODEL_KIND_UNSPECIFIED)
+
+
+def is_adapter(model: Model) -> bool:
+    """True for an LLM LoRA adapter or an image LoRA."""
+    config = model.WhichOneof("config")
+    if config == "llm":
+        return model.llm.HasField("adapter")
+    if config == "image":
+        return model.image.checkpoint_type == model_pb2.CHECKPOINT_TYPE_LORA
+    return False
+
+
+def adapter_base(model: Model) -> str:
+    """The adapter's base model in the catalog (`models/...`), or "" when not known."""
+    if model.WhichOneof("config") == "llm" and model.llm.adapter.base_model:
+        return model.llm.adapter.base_model
+    return model.parent
+
+
+def normalize_quantization(method: str) -> str:
+    """`compressed_tensors` and `Compressed-Tensors` both become `compressed-tensors`."""
+    return method.strip().lower().replace("_", "-")
+
+
+def gib(num_bytes: float) -> str:
+    """Bytes as `14.2 GiB` (or `350 MiB` below one GiB)."""
+    if num_bytes >= GIB:
+        return f"{num_bytes / GIB:.1f} GiB"
+    return f"{num_bytes / MIB:.0f} MiB"
+
+
+def kind_label(kind: model_pb2.ModelKind.ValueType) -> str:
+    """`LLM`, `image`, `audio`, `video`."""
+    return {
+        model_pb2.MODEL_KIND_LLM: "LLM",
+        model_pb2.MODEL_KIND_IMAGE: "image",
+        model_pb2.MODEL_KIND_AUDIO: "audio",
+        model_pb2.MODEL_KIND_VIDEO: "video",
+    }.get(kind, "unknown")
+
+
+def role_label(role: worker_pb2.WorkerRole.ValueType) -> str:
+    """`inference`, `training`."""
+    return {INFERENCE: "inference", TRAINING: "training"}.get(role, "unspecified")
+
+
+def format_label(fmt: model_pb2.WeightFormat.ValueType) -> str:
+    """`safetensors`, `PyTorch pickle (.bin)`, `GGUF`."""
+    return {
+        model_pb2.WEIGHT_FORMAT_SAFETENSORS: "safetensors",
+        model_pb2.WEIGHT_FORMAT_PYTORCH_BIN: "PyTorch pickle (.bin)",
+        model_pb2.WEIGHT_FORMAT_GGUF: "GGUF",
+    }.get(fmt, "unknown")
+
+
+def base_model_label(base: model_pb2.ImageBaseModel.ValueType) -> str:
+    """`SD 1.5`, `SDXL`, ..."""
+    return {
+        model_pb2.IMAGE_BASE_MODEL_SD_1_5: "SD 1.5",
+        model_pb2.IMAGE_BASE_MODEL_SD_2_1: "SD 2.1",
+        model_pb2.IMAGE_BASE_MODEL_SDXL: "SDXL",
+        model_pb2.IMAGE_BASE_MODEL_SDXL_REFINER: "SDXL refiner",
+        model_pb2.IMAGE_BASE_MODEL_SD_3: "SD 3",
+        model_pb2.IMAGE_BASE_MODEL_FLUX: "FLUX.1",
+    }.get(base, "unknown")
+
+
+def checkpoint_label(kind: model_pb2.CheckpointType.ValueType) -> str:
+    """`checkpoint`, `LoRA`, `embedding`, `hypernetwork`, `VAE`."""
+    return {
+        model_pb2.CHECKPOINT_TYPE_CHECKPOINT: "checkpoint",
+        model_pb2.CHECKPOINT_TYPE_LORA: "LoRA",
+        model_pb2.CHECKPOINT_TYPE_EMBEDDING: "embedding",
+        model_pb2.CHECKPOINT_TYPE_HYPERNETWORK: "hypernetwork",
+        model_pb2.CHECKPOINT_TYPE_VAE: "VAE",
+    }.get(kind, "model")
+
+
+def with_article(word: str) -> str:
+    """`an inference`, `a training`, `an LLM`, `an SDXL`, `a FLUX.1`."""
+    spoken_vowel = word[:1].lower() in "aeiu" or word.startswith(("LLM", "SD", "onnx"))
+    return f"{'an' if spoken_vowel else 'a'} {word}"
+
+
+def join_or(names: Iterable[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    items = list(names)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def quantization_label(quant: model_pb2.Quantization) -> str:
+    """`awq (4-bit)`, `gguf MOSTLY_Q4_K_M`."""
+    label = quant.method
+    if quant.type:
+        label += f" {quant.type}"
+    if quant.HasField("bits"):
+        label += f" ({quant.bits}-bit)"
+    return label
+
+
+def verdict_of(results: Iterable[RuleResult]) -> worker_pb2.Verdict.ValueType:
+    """INCOMPATIBLE if any rule failed, COMPATIBLE_WITH_WARNINGS if any warned, else COMPATIBLE."""
+    outcomes = {r.outcome for r in results}
+    if FAIL in outcomes:
+        return worker_pb2.VERDICT_INCOMPATIBLE
+    if WARN in outcomes:
+        return worker_pb2.VERDICT_COMPATIBLE_WITH_WARNINGS
+    return worker_pb2.VERDICT_COMPATIBLE
+
+
+def first_failure(report: CompatibilityReport) -> RuleResult | None:
+    """The report's first FAIL result, or None."""
+    return next((r for r in report.results if r.outcome == FAIL), None)
+
+
+def _engines_where(ctx: Context, predicate: Callable[[EngineTable], bool]) -> list[str]:
+    """Names of registered engines for the target's role (any role when unknown) that satisfy `predicate`."""
+    role = ctx.requested_role or ctx.role
+    return sorted(
+        t.name
+        for t in ctx.engines
+        if predicate(t) and (role == worker_pb2.WORKER_ROLE_UNSPECIFIED or role in t.roles)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Memory estimates
+
+_DTYPE_BYTES = {
+    "float32": 4.0,
+    "fp32": 4.0,
+    "float": 4.0,
+    "float16": 2.0,
+    "fp16": 2.0,
+    "half": 2.0,
+    "bfloat16": 2.0,
+    "bf16": 2.0,
+    "float8": 1.0,
+    "float8_e4m3fn": 1.0,
+    "float8_e5m2": 1.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "uint8": 1.0,
+    "int4": 0.5,
+}
+
+
+#: Said when a model's dtype is unknown and 16-bit weights were assumed.
+ASSUMED_16_BIT = "dtype unknown, assumed 16-bit"
+
+
+def bytes_per_parameter(llm: model_pb2.LlmConfig) -> tuple[float, str]:
+    """Bytes per weight and what it comes from (`bfloat16`, `awq 4-bit`, ...)."""
+    quant = llm.quantization
+    if llm.HasField("quantization") and quant.HasField("bits") and quant.bits > 0:
+        return quant.bits / 8, f"{quant.method} {quant.bits}-bit"
+    dtype = llm.dtype.strip().lower().removeprefix("torch.")
+    if dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype], dtype
+    return 2.0, ASSUMED_16_BIT
+
+
+def weights_bytes(model: Model, *, on_cpu: bool = False) -> tuple[int, str] | None:
+    """Bytes the weights take in memory and how that was derived, or None when unknown.
+
+    Image pipelines count float16 on accelerators and float32 on a CPU (`on_cpu`).
+    """
+    llm = model.llm if model.WhichOneof("config") == "llm" else None
+    if llm is not None:
+        if llm.weight_format == model_pb2.WEIGHT_FORMAT_GGUF and model.size_bytes > 0:
+            return model.size_bytes, "GGUF file"
+        if llm.HasField("parameter_count") and llm.parameter_count > 0:
+            per, why = bytes_per_parameter(llm)
+            return int(llm.parameter_count * per), f"{llm.parameter_count / 1e9:.2f} B parameters, {why}"
+    elif model.WhichOneof("config") == "image":
+        image = model.image
+        if image.HasField("parameter_count") and image.parameter_count > 0:
+            per, dtype = (4, "float32") if on_cpu else (2, "float16")
+            return image.parameter_count * per, f"{image.parameter_count / 1e9:.2f} B parameters, {dtype}"
+    if model.size_bytes > 0:
+        return model.size_bytes, "size of the files"
+    return None
+
+
+def kv_cache_bytes(llm: model_pb2.LlmConfig, tokens: int) -> int | None:
+    """2 x layers x kv_heads x head_dim x tokens x dtype bytes, or None without the shape."""
+    if not (
+        llm.HasField("num_layers") and llm.HasField("hidden_size") and llm.HasField("num_attention_heads")
+    ):
+        return None
+    if llm.num_attention_heads <= 0:
+        return None
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    kv_heads = llm.num_key_value_heads if llm.HasField("num_key_value_heads") else llm.num_attention_heads
+    dtype_bytes = 4 if llm.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32") else 2
+    return 2 * llm.num_layers * kv_heads * head_dim * tokens * dtype_bytes
+
+
+def adapter_estimate(ctx: Context, own: int | None, own_label: str) -> MemoryEstimate | None:
+    """An adapter's own weights, plus its base model's needs unless the base is loaded."""
+    adapter_part = own or 0
+    parts = [f"adapter {gib(adapter_part)}" if own is not None else "adapter size unknown"]
+    base_name = adapter_base(ctx.model)
+    if not base_name:
+        if own is None:
+            return None
+        return MemoryEstimate(
+            adapter_part, f"{parts[0]} ({own_label}); applied on a pipeline the worker loads"
+        )
+    base = ctx.lookup_model(base_name) if ctx.lookup_model else None
+    if base_name in ctx.target.loaded:
+        return MemoryEstimate(adapter_part, f"{parts[0]}; base {base_name} is already loaded")
+    if base is None or base.name in ctx.visited:
+        if own is None:
+            return None
+        return MemoryEstimate(adapter_part, f"{parts[0]} ({own_label}); base model not counted (not found)")
+    base_estimate = ctx.for_model(base).memory
+    if base_estimate is None:
+        return MemoryEstimate(adapter_part, f"{parts[0]}; base {base.name} size unknown")
+    return MemoryEstimate(
+        base_estimate.total + adapter_part, f"{parts[0]} + base {base.name}: {base_estimate.detail}"
+    )
+
+
+def estimate_inference_memory(ctx: Context) -> MemoryEstimate | None:
+    """Weights plus the KV cache for the served context (capped by `kv_cache_tokens`)."""
+    device = ctx.target.device
+    weights = weights_bytes(
+        ctx.model, on_cpu=device is not None and device.type == worker_pb2.DEVICE_TYPE_CPU
+    )
+    if ctx.is_adapter:
+        return adapter_estimate(ctx, weights[0] if weights else None, weights[1] if weights else "")
+    if weights is None:
+        return None
+    weights_total, why = weights
+    weights_part = f"weights {gib(weights_total)}"
+    if why.endswith(ASSUMED_16_BIT):
+        weights_part += f" ({ASSUMED_16_BIT})"
+    llm = ctx.llm
+    if llm is None:
+        return MemoryEstimate(weights_total, weights_part)
+    tokens = ctx.served_context()
+    if ctx.table.kv_cache_tokens is not None:
+        tokens = min(tokens, ctx.table.kv_cache_tokens)
+    kv = kv_cache_bytes(llm, tokens)
+    if kv is None:
+        return MemoryEstimate(
+            weights_total, f"{weights_part}; KV cache not counted (layer/head shape unknown)"
+        )
+    return MemoryEstimate(weights_total + kv, f"{weights_part} + KV cache {gib(kv)} at {tokens} tokens")
+
+
+# ---------------------------------------------------------------------------
+# The common rules
+
+
+def rule_engine(ctx: Context) -> Finding:
+    """The engine is known (unknown engines are reported by the checker)."""
+    version = ctx.target.capabilities.engine_version
+    if not version:
+        return passed(f"engine {ctx.table.name} (version not reported)")
+    return passed(f"engine {ctx.target.engine_label}")
+
+
+def rule_model_state(ctx: Context) -> Finding:
+    """Only READY models run."""
+    state = ctx.model.state
+    if state == model_pb2.MODEL_STATE_READY:
+        return passed("model is READY")
+    if state == model_pb2.MODEL_STATE_FAILED:
+        error = ctx.model.error
+        why = f" ({error.reason}: {error.message})" if error.reason or error.message else ""
+        return failed(f"model import FAILED{why}; fix the files and import the model again")
+    if state in (model_pb2.MODEL_STATE_IMPORTING, model_pb2.MODEL_STATE_VALIDATING):
+        name = model_pb2.ModelState.Name(state).removeprefix("MODEL_STATE_")
+        return failed(f"model is {name}; it can run once it is READY (watch it with WatchModel)")
+    return failed("model has no state; only READY catalog models can run")
+
+
+def rule_kind(ctx: Context) -> Finding:
+    """The engine runs this kind of model."""
+    kind = ctx.kind
+    engine = ctx.target.engine_label
+    if kind == model_pb2.MODEL_KIND_UNSPECIFIED:
+        return failed(
+            "model kind is not known (no config was detected); run ValidateModel to see what is missing"
+        )
+    if kind in ctx.kinds:
+        return passed(f"{engine} runs {kind_label(kind)} models")
+    runs = ", ".join(sorted(kind_label(k) for k in ctx.kinds)) or "no kinds"
+    others = _engines_where(ctx, lambda t: kind in t.kinds)
+    hint = f"; use a {join_or(others)} worker" if others else ""
+    return failed(
+        f"model is {with_article(kind_label(kind))} model; "
+        f"this worker runs {engine}, which runs {runs} models{hint}"
+    )
+
+
+def rule_role(ctx: Context) -> Finding:
+    """The worker has the requested role, and one its engine has."""
+    role = ctx.role
+    if ctx.requested_role and role != ctx.requested_role:
+        return failed(
+            f"this is {with_article(role_label(role))} worker; "
+            f"{with_article(role_label(ctx.requested_role))} worker is needed"
+        )
+    if role not in ctx.table.roles:
+        roles = join_or(sorted(role_label(r) for r in ctx.table.roles))
+        return failed(
+            f"{ctx.table.name} is {with_article(roles)} engine but this worker registered as "
+            f"{role_label(role)}; fix the worker's registration"
+        )
+    return passed(f"{role_label(role)} worker")
+
+
+_EXAMPLE_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "GPT2LMHeadModel",
+    "llama",
+    "qwen2",
+    "gemma",
+)
+
+
+def _examples(names: frozenset[str]) -> str:
+    preferred = [n for n in _EXAMPLE_ARCHITECTURES if n in names]
+    rest = sorted(names - set(preferred))
+    return ", ".join((preferred + rest)[:3])
+
+
+def _arch_key(name: str) -> str:
+    """`qwen2_moe`, `qwen2moe` and `Qwen2-MoE` compare equal."""
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _matches(names: Iterable[str], supported: frozenset[str]) -> bool:
+    keys = {_arch_key(n) for n in supported}
+    return any(n in supported or _arch_key(n) in keys for n in names)
+
+
+def rule_architecture(ctx: Context) -> Finding:
+    """The engine supports the model's architecture (for GGUF files: `general.architecture`)."""
+    engine = ctx.target.engine_label
+    llm = ctx.llm
+    if llm is None:
+        if ctx.image is not None:
+            return skipped("image models are matched by base model (see image_base_model)")
+        return skipped(f"{kind_label(ctx.kind)} models have no LLM architecture to check")
+    names = [n for n in (llm.architecture, llm.model_type) if n]
+    if not names:
+        if ctx.is_adapter:
+            return skipped("LoRA adapter: its base model's architecture is checked (see lora)")
+        return warned(
+            "model architecture is unknown (config.json names no architectures); "
+            f"cannot confirm that {engine} supports it"
+        )
+    shown = names[0]
+    names += [ctx.table.architecture_aliases[n] for n in names if n in ctx.table.architecture_aliases]
+    declared = frozenset(ctx.target.capabilities.architectures)
+    if declared:
+        if _matches(names, declared):
+            return passed(f"{engine} supports {shown}")
+        hint = f"; {ctx.table.architecture_hint}" if ctx.table.architecture_hint else ""
+        return failed(
+            f"architecture {shown} is not supported by {engine} "
+            f"(supported: {len(declared)} architectures, e.g. {_examples(declared)}){hint}"
+        )
+    defaults = ctx.table.default_architectures() if ctx.table.default_architectures else None
+    if defaults is None:
+        return warned(
+            f"the worker did not list its architectures; cannot confirm that {engine} supports {shown}"
+        )
+    if _matches(names, defaults):
+        return passed(f"{engine} supports {shown} (built-in list; the worker did not list its architectures)")
+    if ctx.table.default_architectures_complete:
+        hint = f"; {ctx.table.architecture_hint}" if ctx.table.architecture_hint else ""
+        return failed(
+            f"architecture {shown} is not supported by {engine} "
+            f"(supported: {len(defaults)} architectures, e.g. {_examples(defaults)}){hint}"
+        )
+    return warned(
+        f"{shown} is not among {ctx.table.name}'s common architectures and the worker did not list its own; "
+        "it may fail to load"
+    )
+
+
+def rule_weight_format(ctx: Context) -> Finding:
+    """The engine loads the model's weight format."""
+    fmt = ctx.weight_format
+    engine = ctx.target.engine_label
+    if fmt == model_pb2.WEIGHT_FORMAT_UNSPECIFIED:
+        return warned(f"weight format is unknown; cannot confirm that {engine} loads it")
+    if fmt in ctx.weight_formats:
+        return passed(f"{engine} loads {format_label(fmt)} weights")
+    loads = ", ".join(sorted(format_label(f) for f in ctx.weight_formats)) or "nothing"
+    if fmt == model_pb2.WEIGHT_FORMAT_PYTORCH_BIN:
+        return failed(
+            "pickle weights (.bin/.pt) can run code when loaded and this worker does not allow them; "
+            "convert the model to safetensors or allow pickle on a worker you trust"
+        )
+    kind = ctx.kind
+    others = _engines_where(ctx, lambda t: fmt in t.weight_formats and kind in t.kinds)
+    if others:
+        return failed(
+            f"{format_label(fmt)} weights need a {join_or(others)} worker; "
+            f"this worker runs {engine}, which loads {loads}"
+        )
+    return failed(
+        f"no {role_label(ctx.requested_role or ctx.role)} engine loads {format_label(fmt)} weights; "
+        f"this worker runs {engine}, which loads {loads}: import the model in another format"
+    )
+
+
+def rule_quantization(ctx: Context) -> Finding:
+    """The engine supports the model's quantization method."""
+    llm = ctx.llm
+    if llm is None or not llm.HasField("quantization") or not llm.quantization.method:
+        dtype = f" ({llm.dtype})" if llm is not None and llm.dtype else ""
+        return skipped(f"weights are not quantized{dtype}")
+    quant = llm.quantization
+    label = quantization_label(quant)
+    engine = ctx.target.engine_label
+    if (
+        llm.weight_format == model_pb2.WEIGHT_FORMAT_GGUF
+        and model_pb2.WEIGHT_FORMAT_GGUF not in ctx.weight_formats
+    ):
+        return skipped(f"{label}: GGUF quantization comes with the GGUF format (see weight_format)")
+    supported = ctx.quantizations
+    if normalize_quantization(quant.method) in supported:
+        return passed(f"{engine} supports {label} quantization")
+    offered = ", ".join(sorted(supported)) if supported else "none"
+    return failed(
+        f"{label} quantized weights are not supported by {engine} on this worker (supported: {offered}); "
+        f"use an unquantized variant or a worker that supports {quant.method}"
+    )
+
+
+def rule_context_length(ctx: Context) -> Finding:
+    """The model's context against the worker's `max_context_length` (WARN when capped)."""
+    llm = ctx.llm
+    if llm is None:
+        return skipped(f"{kind_label(ctx.kind)} models have no context length")
+    if ctx.role == TRAINING:
+        return skipped("training worker: sequences are cut to the training job's max_length")
+    worker_max = ctx.max_context()
+    if worker_max is not None and worker_max < 1:
+        return failed(f"worker declares max_context_length {worker_max}; it cannot serve any prompt")
+    model_ctx = llm.context_length if llm.HasField("context_length") else None
+    if model_ctx is None:
+        if ctx.is_adapter:
+            return skipped("LoRA adapter: served with its base model's context")
+        if worker_max is None:
+            return skipped("neither the model nor the worker declares a context length")
+        return warned(f"model's context length is unknown; the worker serves at most {worker_max} tokens")
+    if worker_max is None:
+        return passed(f"served at the model's full {model_ctx} tokens (the worker sets no limit)")
+    if model_ctx <= worker_max:
+        return passed(f"served at the model's full {model_ctx} tokens (the worker allows {worker_max})")
+    return warned(
+        f"model supports {model_ctx} tokens; this worker serves at most {worker_max}, "
+        f"so it will be served at {worker_max} tokens and longer prompts are rejected"
+    )
+
+
+def rule_memory(ctx: Context) -> Finding:
+    """Estimated memory (weights + KV cache) against the device's free memory."""
+    estimate = ctx.memory
+    if ctx.model.name and ctx.model.name in ctx.target.loaded:
+        return passed("model is already loaded on this worker")
+    if estimate is None:
+        return warned("model size is unknown (no parameter count or file sizes); cannot estimate its memory")
+    need = f"model needs ~{gib(estimate.total)} ({estimate.detail})"
+    device = ctx.target.device
+    if device is None or device.memory_bytes <= 0:
+        return skipped(f"{need}; the worker did not report its device memory")
+    if device.free_memory_bytes > 0:
+        available = device.free_memory_bytes
+        has = f"worker has {gib(available)} free of {gib(device.memory_bytes)}"
+    else:
+        available = device.memory_bytes
+        has = f"worker has {gib(available)} (free memory not reported)"
+    if estimate.total > device.memory_bytes:
+        return failed(
+            f"{need}; {has}: more than the whole device; use a quantized variant or a larger device"
+        )
+    if estimate.total > available:
+        return failed(f"{need}; {has}: unload models from this worker or pick another one")
+    if estimate.total > MEMORY_WARN_RATIO * available:
+        return warned(f"{need}; {has}: over 90% of it, little room left for batches")
+    return passed(f"{need}; {has}")
+
+
+def rule_lora(ctx: Context) -> Finding:
+    """An adapter: LoRA support, rank within the limit, base model present and runnable here."""
+    if not ctx.is_adapter:
+        return skipped("model is not an adapter")
+    caps = ctx.target.capabilities
+    engine = ctx.target.engine_label
+    if not caps.supports_lora:
+        return failed(
+            f"model is a LoRA adapter; this worker ({engine}) does not apply LoRA adapters "
+            "(start it with LoRA enabled or pick another worker)"
+        )
+    rank: int | None = None
+    if ctx.llm is not None and ctx.llm.adapter.HasField("rank"):
+        rank = ctx.llm.adapter.rank
+    elif ctx.image is not None and ctx.image.HasField("lora_rank"):
+        rank = ctx.image.lora_rank
+    if rank is not None and caps.HasField("max_lora_rank") and rank > caps.max_lora_rank:
+        return failed(
+            f"adapter rank {rank} exceeds this worker's max LoRA rank {caps.max_lora_rank}; "
+            f"raise max_lora_rank to {rank} or more on the worker, or pick another one"
+        )
+    rank_note = f"rank {rank}" if rank is not None else "rank unknown"
+    base_name = adapter_base(ctx.model)
+    if ctx.image is not None and not base_name:
+        return passed(f"LoRA ({rank_note}) applies on the worker's pipeline (see image_base_model)")
+    if not base_name:
+        declared = ctx.llm.adapter.base_model_name_or_path if ctx.llm is not None else ""
+        named = f" (adapter_config.json names {declared!r})" if declared else ""
+        return failed(
+            f"adapter's base model is not in the catalog{named}; "
+            "import the base model, then validate the adapter again"
+        )
+    if ctx.lookup_model is None:
+        return warned(f"cannot check the adapter's base model {base_name} (no catalog lookup given)")
+    if base_name in ctx.visited or base_name == ctx.model.name:
+        return failed(f"adapter's base model chain loops back to {base_name}; fix the adapter's parent")
+    base = ctx.lookup_model(base_name)
+    if base is None:
+        return failed(f"adapter's base model {base_name} is not in the catalog; import it first")
+    if ctx.check_other is None:
+        return warned(f"cannot check the adapter's base model {base_name} on this worker")
+    report = ctx.check_other(base)
+    failure = first_failure(report)
+    if failure is not None:
+        return failed(
+            f"adapter's base model {base_name} cannot run on this worker: {failure.rule}: {failure.message}"
+        )
+    warning = next((r for r in report.results if r.outcome == WARN), None)
+    if warning is not None:
+        return warned(
+            f"adapter ({rank_note}) applies on {base_name}, with a caveat: {warning.rule}: {warning.message}"
+        )
+    base_arch = base.llm.architecture if base.WhichOneof("config") == "llm" and base.llm.architecture else ""
+    arch = f" ({base_arch})" if base_arch else ""
+    return passed(f"adapter ({rank_note}) applies on {base_name}{arch}, which this worker runs")
+
+
+def rule_trust_remote_code(ctx: Context) -> Finding:
+    """A model that needs custom code runs only on a worker that allows remote code."""
+    llm = ctx.llm
+    if llm is None or not llm.requires_remote_code:
+        return skipped("model needs no remote code")
+    if ctx.target.capabilities.allows_remote_code:
+        return passed("model needs trust_remote_code; this worker allows remote code")
+    return failed(
+        "model needs trust_remote_code (its config.json maps classes to custom code through auto_map) "
+        "and this worker does not allow remote code; use a worker that allows it, only for code you trust"
+    )
+
+
+def rule_image_base_model(ctx: Context) -> Finding:
+    """An image model's base family (SD 1.5, SDXL, ...) against the worker's pipelines."""
+    image = ctx.image
+    if image is None:
+        return skipped("not an image model")
+    what = checkpoint_label(image.checkpoint_type)
+    base = image.base_model
+    supported = ctx.image_base_models
+    runs = ", ".join(base_model_label(b) for b in sorted(supported)) or "no image base models"
+    if base == model_pb2.IMAGE_BASE_MODEL_UNSPECIFIED:
+        return warned(
+            f"the {what}'s base model (SD 1.5, SDXL, ...) is unknown; cannot confirm it fits {runs}"
+        )
+    label = base_model_label(base)
+    if base in supported:
+        return passed(f"{label} {what}; this worker runs {runs}")
+    return failed(
+        f"{with_article(label)} {what} needs {with_article(label)}-capable {ctx.table.name} worker; "
+        f"this worker runs {runs}"
+    )
+
+
+_LORA_STYLE = frozenset({"lora", "qlora", "dpo"})
+
+
+def _method_problem(ctx: Context, method: str) -> str:
+    """Why `method` cannot train this model ("" when it can)."""
+    llm = ctx.llm
+    if llm is None:
+        return ""
+    if ctx.is_adapter and method not in _LORA_STYLE:
+        return f"{ctx.model.name} is a LoRA adapter; {method} training needs a base model; train its base"
+    if llm.HasField("quantization") and llm.quantization.method and method not in _LORA_STYLE:
+        return (
+            f"quantized weights ({quantization_label(llm.quantization)}) cannot be trained with {method}; "
+            "train a LoRA on them or use the unquantized model"
+        )
+    return ""
+
+
+def rule_training_method(ctx: Context) -> Finding:
+    """A training worker offers a method (the requested one, if any) that applies to the model."""
+    if ctx.role != TRAINING:
+        return skipped(f"{role_label(ctx.role)} worker; no training")
+    if ctx.llm is None:
+        return skipped(f"training methods apply to LLMs, not {kind_label(ctx.kind)} models")
+    methods = ctx.training_methods
+    if ctx.training_method:
+        method = ctx.training_method.lower()
+        if method not in methods:
+            offered = ", ".join(methods) or "none"
+            cuda = "; QLoRA needs a CUDA worker" if method == "qlora" else ""
+            return failed(f"this trainer does not offer {method} training (offers: {offered}){cuda}")
+        problem = _method_problem(ctx, method)
+        return failed(problem) if problem else passed(f"can train with {method}")
+    if not methods:
+        return failed("this trainer lists no training methods; fix its registration")
+    usable = [m for m in methods if not _method_problem(ctx, m)]
+    if not usable:
+        return failed(_method_problem(ctx, methods[0]))
+    return passed(f"can train with: {', '.join(usable)}")
+
+
+COMMON_RULES: tuple[Rule, ...] = (
+    Rule("engine", rule_engine),
+    Rule("model_state", rule_model_state),
+    Rule("kind", rule_kind),
+    Rule("role", rule_role),
+    Rule("architecture", rule_architecture),
+    Rule("weight_format", rule_weight_format),
+    Rule("quantization", rule_quantization),
+    Rule("context_length", rule_context_length),
+    Rule("memory", rule_memory),
+    Rule("lora", rule_lora),
+    Rule("trust_remote_code", rule_trust_remote_code),
+    Rule("image_base_model", rule_image_base_model),
+    Rule("training_method", rule_training_method),
+)
