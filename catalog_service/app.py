@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from grpc import aio
 
+from catalog_service.catalog import Catalog
+from catalog_service.db import migrate
 from catalog_service.servicer import CatalogServicer
 from catalog_service.settings import CatalogSettings
+from catalog_service.store import CatalogStore
 from modelyard.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
 
 SERVICE_NAME = catalog_service_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 
+log = logging.getLogger("modelyard.catalog")
+
 
 class CatalogApp:
-    """Opens the catalog's resources and serves `modelyard.catalog.v1.CatalogService`."""
+    """Opens the catalog's store and serves `modelyard.catalog.v1.CatalogService`."""
 
     service_names = (SERVICE_NAME,)
 
     def __init__(self, settings: CatalogSettings) -> None:
         self.settings = settings
-        self.servicer = CatalogServicer()
+        self.store: CatalogStore | None = None
+        self.catalog: Catalog | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = self.settings.resolved_database_url()
+        await asyncio.to_thread(migrate, url)
+        self.store = CatalogStore(url, heartbeat_ttl=self.settings.heartbeat_ttl_seconds)
+        interrupted = await asyncio.to_thread(self.store.fail_unfinished_imports)
+        if interrupted:
+            log.warning("marked %d interrupted imports FAILED: %s", len(interrupted), ", ".join(interrupted))
+        self.catalog = Catalog(self.store, self.settings)
 
     def add_to_server(self, server: aio.Server) -> None:
-        catalog_service_pb2_grpc.add_CatalogServiceServicer_to_server(self.servicer, server)
+        assert self.catalog is not None, "start() first"
+        catalog_service_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.catalog), server)
+
+    async def on_serving(self, port: int) -> None:
+        return None
 
     async def stop(self) -> None:
-        return None
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)

@@ -40,6 +40,9 @@ class CatalogSettings(CommonSettings):
     allow_pickle: bool = setting(
         False, "MODELYARD_CATALOG_ALLOW_PICKLE", "allow pickle weights (.bin, .pt, .ckpt)"
     )
+    model_overrides: str = setting(
+        "", "MODELYARD_CATALOG_MODEL_OVERRIDES", "ResolveModel overrides: NAME=PATH pairs separated by commas"
+    )
     heartbeat_ttl_seconds: int = setting(
         30, "MODELYARD_CATALOG_HEARTBEAT_TTL", "seconds without heartbeat before a worker is UNAVAILABLE"
     )
@@ -51,6 +54,11 @@ class CatalogSettings(CommonSettings):
     def resolved_hf_cache(self) -> Path:
         """The HF hub cache folder."""
         return self.hf_cache_dir or default_hf_cache()
+
+    def path_overrides(self) -> dict[str, Path]:
+        """ResolveModel overrides parsed from `model_overrides`."""
+        pairs = [item.split("=", 1) for item in self.model_overrides.split(",") if "=" in item]
+        return {name.strip(): Path(path.strip()).expanduser() for name, path in pairs}
 
     def resolved_allowed_roots(self) -> list[Path]:
         """Allowed import roots, resolved."""

@@ -49,6 +49,9 @@ class ServiceApp(Protocol):
     def add_to_server(self, server: aio.Server) -> None:
         """Register the app's servicers on `server`."""
 
+    async def on_serving(self, port: int) -> None:
+        """Called once the server answers on `port` (e.g. to register with the catalog)."""
+
     async def stop(self) -> None:
         """Release resources; called after the server has drained."""
 
@@ -105,6 +108,7 @@ class GrpcServer:
         await self._server.start()
         for name in ["", *self.app.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.app.on_serving(self.port)
         log.info("serving %s on %s (port %d)", ", ".join(self.app.service_names), self.address, self.port)
         return self.port
 

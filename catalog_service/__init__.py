@@ -1,0 +1,1 @@
+"""The Modelyard catalog service: typed model entries, workers and compatibility routing."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalog database (see `catalog_service.db.migrate`)."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the catalog database, oldest first by `down_revision`."""

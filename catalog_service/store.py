@@ -1,0 +1,1062 @@
+"""The catalog store: models and workers, persisted with SQLAlchemy.
+
+`CatalogStore` takes and returns `modelyard.catalog.v1` protobuf messages; ORM
+rows never leave this module. Each row keeps the full proto as JSON (`data`)
+and copies the fields that filters, lineage and versioning need into indexed
+columns. Methods are synchronous (the servicer calls them through
+`asyncio.to_thread`) and raise `server_kit.errors` exceptions.
+
+Reads are one indexed lookup. Parsing proto JSON costs far more than the
+lookup (~200 µs for a typical LLM entry), so parsed entries are kept per id
+together with the etag they were parsed at: every write sets a new etag, so a
+cached entry is only reused when the row is unchanged, across replicas too.
+
+Workers: the state a worker reports (HEALTHY or DRAINING) is stored; whether
+it is UNAVAILABLE is derived at read time from its last heartbeat and the
+store's `heartbeat_ttl`, so an expired worker needs no sweeper and comes back
+with its next heartbeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from catalog_service import db
+from catalog_service.db import ModelLabelRow, ModelRow, ModelTagRow, WorkerRow
+from modelyard.catalog.v1 import model_pb2, worker_pb2
+from server_kit import filtering, paging
+from server_kit.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from server_kit.filtering import Term, filter_error
+
+ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+MODEL_PREFIX = "models/"
+WORKER_PREFIX = "workers/"
+
+MODEL_FILTER_FIELDS = (
+    "name",
+    "kind",
+    "model_type",
+    "family",
+    "architecture",
+    "state",
+    "weight_format",
+    "base_model",
+    "parent",
+    "tag",
+    "tags",
+    "labels.*",
+)
+WORKER_FILTER_FIELDS = ("name", "role", "engine", "state")
+UPDATABLE_MODEL_PATHS = ("display_name", "description", "author", "license", "tags", "labels", "parent")
+UNFINISHED_STATES = (model_pb2.MODEL_STATE_IMPORTING, model_pb2.MODEL_STATE_VALIDATING)
+
+MAX_TAG_CHARS = 256
+MAX_LABEL_KEY_CHARS = 256
+MAX_LABEL_VALUE_CHARS = 256
+MAX_INDEXED_BYTES = 2048
+MAX_SOURCE_KEY_BYTES = 1024
+
+_CONFIG_KINDS = {
+    "llm": model_pb2.MODEL_KIND_LLM,
+    "image": model_pb2.MODEL_KIND_IMAGE,
+    "audio": model_pb2.MODEL_KIND_AUDIO,
+    "video": model_pb2.MODEL_KIND_VIDEO,
+}
+
+M = TypeVar("M", bound=Message)
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _new_etag() -> str:
+    return secrets.token_hex(8)
+
+
+def _to_json(message: Message) -> str:
+    return json_format.MessageToJson(message, indent=None)
+
+
+def _source_column(source_key: str) -> str:
+    """`source_key` as stored: long keys are replaced by their hash to stay indexable."""
+    if len(source_key.encode()) <= MAX_SOURCE_KEY_BYTES:
+        return source_key
+    return "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
+
+
+def _check_id(value: str, what: str, field: str) -> None:
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument(
+            f"{what} id {value!r} is invalid: use 1-63 lowercase letters, digits and hyphens, "
+            "starting with a letter and not ending with a hyphen",
+            reason=f"INVALID_{what.upper()}_ID",
+            metadata={field: value},
+            violations=[FieldViolation(field, "must match ^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")],
+        )
+
+
+def _check_bytes(field: str, value: str, limit: int) -> None:
+    if len(value.encode()) > limit:
+        raise InvalidArgument(
+            f"{field} is too long ({len(value.encode())} bytes; at most {limit})",
+            reason="VALUE_TOO_LONG",
+            violations=[FieldViolation(field, f"at most {limit} bytes")],
+        )
+
+
+def model_id_of(name: str) -> str:
+    """`models/x` or `x` → `x`."""
+    return name.removeprefix(MODEL_PREFIX)
+
+
+def worker_id_of(name: str) -> str:
+    """`workers/x` or `x` → `x`."""
+    return name.removeprefix(WORKER_PREFIX)
+
+
+class _ParsedCache:
+    """Parsed protos per key, valid while their `check` string (etag or JSON) is unchanged."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def parse(self, message_type: type[M], key: str, check: str, data: str) -> M:
+        """The message stored as `data`, from the cache when `check` matches."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] == check:
+                self._entries.move_to_end(key)
+                return message_type.FromString(hit[1])
+        message = json_format.Parse(data, message_type(), ignore_unknown_fields=True)
+        self.put(key, check, message)
+        return message
+
+    def put(self, key: str, check: str, message: Message) -> None:
+        """Remember `message` as the parsed form of `key` at `check` (write-through)."""
+        if self.maxsize <= 0:
+            return
+        serialized = message.SerializeToString()
+        with self._lock:
+            self._entries[key] = (check, serialized)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
+    def discard(self, keys: Iterable[str]) -> None:
+        """Forget `keys` (deleted rows)."""
+        with self._lock:
+            for key in keys:
+                self._entries.pop(key, None)
+
+
+def _enum_value(enum_type: Any, prefix: str, field: str, text: str) -> str:
+    """The full enum value name for `READY` / `ready` / `MODEL_STATE_READY`; InvalidArgument if none."""
+    names = list(enum_type.keys())
+    upper = text.upper()
+    for candidate in (upper, prefix + upper):
+        if candidate in names:
+            return str(candidate)
+    short = [name.removeprefix(prefix) for name in names if not name.endswith("_UNSPECIFIED")]
+    raise filter_error(f"{field} has no value {text!r}; use one of {', '.join(short)}")
+
+
+def _like_prefix(column: Any, value: str) -> ColumnElement[bool]:
+    """`column LIKE 'value%'` with LIKE wildcards in `value` escaped."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(escaped + "%", escape="\\")
+
+
+def _string_match(column: Any, term: Term) -> ColumnElement[bool]:
+    """Equality, or a prefix match for a value ending in `*`; `field:*` means non-empty."""
+    if term.op == filtering.HAS and term.value == "*":
+        return column != ""
+    if term.value.endswith("*"):
+        return _like_prefix(column, term.value[:-1])
+    return column == term.value
+
+
+def _negate(term: Term, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    return not_(condition) if term.op == filtering.NE else condition
+
+
+class CatalogStore:
+    """Persistence of models and workers; protobuf messages in, protobuf messages out.
+
+    `url`: a SQLAlchemy URL (`sqlite:///path/catalog.db`, `postgresql+psycopg://...`).
+    `heartbeat_ttl`: seconds after the last heartbeat that a worker turns UNAVAILABLE.
+    `clock`: returns the current timezone-aware time (tests pass a fake one).
+    `auto_migrate`: upgrade the schema to the latest revision on construction.
+    `cache_size`: parsed entries kept in memory (0 disables the cache).
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        heartbeat_ttl: float = 30.0,
+        clock: Clock | None = None,
+        auto_migrate: bool = True,
+        cache_size: int = 10_000,
+        engine: Engine | None = None,
+    ) -> None:
+        self.engine = engine or db.make_engine(url)
+        self.heartbeat_ttl = float(heartbeat_ttl)
+        self.clock: Clock = clock or utc_now
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        self._postgres = self.engine.dialect.name == "postgresql"
+        # PostgreSQL reads run in autocommit: one round trip, no BEGIN/ROLLBACK around a
+        # lookup (READ COMMITTED gives each statement its own snapshot either way).
+        self._read_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgres else self.engine
+        )
+        self._cache = _ParsedCache(cache_size)
+        self._worker_cache = _ParsedCache(1024 if cache_size else 0)
+        self._get_model_stmt = select(ModelRow.etag, ModelRow.data).where(
+            ModelRow.model_id == bindparam("model_id")
+        )
+        self._get_worker_stmt = select(WorkerRow.data).where(WorkerRow.worker_id == bindparam("worker_id"))
+        if auto_migrate:
+            db.migrate(self.engine)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.engine.dispose()
+
+    def check(self) -> None:
+        """Raise `Unavailable` unless the database answers (for health checks)."""
+        with self._read() as conn:
+            conn.execute(select(1)).scalar_one()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with db.database_errors(), self._read_engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A session in one transaction; on SQLite it holds the write lock from the start."""
+        with db.database_errors(), self.engine.connect() as conn:
+            if self._sqlite:
+                conn.execution_options(**{db.SQLITE_IMMEDIATE: True})
+            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                yield session
+
+    def _parse_model(self, model_id: str, etag: str, data: str) -> model_pb2.Model:
+        return self._cache.parse(model_pb2.Model, model_id, etag, data)
+
+    def _parse_worker(self, worker_id: str, data: str, now: datetime) -> worker_pb2.Worker:
+        # Worker rows change with every heartbeat: the JSON itself is the cache check.
+        worker = self._worker_cache.parse(worker_pb2.Worker, worker_id, data, data)
+        return self._derive_state(worker, now)
+
+    def _lock(self, statement: Any) -> Any:
+        # SQLite's BEGIN IMMEDIATE already serializes writers.
+        return statement.with_for_update() if self._postgres else statement
+
+    # ------------------------------------------------------------------ models
+
+    def create_model(self, model_id: str, model: model_pb2.Model, *, source_key: str = "") -> model_pb2.Model:
+        """Store a new model `models/{model_id}`; sets name, times, etag and version (default 1).
+
+        Raises InvalidArgument for a bad id or entry, AlreadyExists (reason
+        MODEL_ALREADY_EXISTS) when the id is taken, FailedPrecondition (reason
+        PARENT_NOT_FOUND) when `model.parent` is not in the catalog.
+        """
+        _check_id(model_id, "model", "model_id")
+        entry = model_pb2.Model()
+        entry.CopyFrom(model)
+        now = self.clock()
+        entry.name = MODEL_PREFIX + model_id
+        entry.create_time.FromDatetime(now)
+        entry.update_time.FromDatetime(now)
+        entry.etag = _new_etag()
+        if entry.version <= 0:
+            entry.version = 1
+        self._normalize(entry)
+        columns = self._columns(entry)
+        try:
+            with self._write() as session:
+                parent_pk = self._parent_pk(session, entry)
+                row = ModelRow(
+                    model_id=model_id,
+                    parent_id=parent_pk,
+                    source_key=_source_column(source_key),
+                    version=entry.version,
+                    etag=entry.etag,
+                    create_time=now,
+                    update_time=now,
+                    data=_to_json(entry),
+                    **columns,
+                )
+                session.add(row)
+                session.flush()
+                self._replace_tags_labels(session, row.id, entry, new=True)
+            self._cache.put(model_id, entry.etag, entry)
+        except IntegrityError as error:
+            if self._model_exists(model_id):
+                raise AlreadyExists(
+                    f"model {entry.name} already exists",
+                    reason="MODEL_ALREADY_EXISTS",
+                    metadata={"model": entry.name},
+                ) from error
+            # The parent was deleted between the lookup and the insert.
+            raise self._parent_missing(entry.parent) from error
+        return entry
+
+    def get_model(self, model_id: str) -> model_pb2.Model:
+        """The model `models/{model_id}` (`model_id` may carry the `models/` prefix)."""
+        model_id = model_id_of(model_id)
+        with self._read() as conn:
+            row = conn.execute(self._get_model_stmt, {"model_id": model_id}).first()
+        if row is None:
+            raise self._model_not_found(model_id)
+        return self._parse_model(model_id, row.etag, row.data)
+
+    def list_models(
+        self, page_size: int = 0, page_token: str = "", filter: str = ""
+    ) -> tuple[list[model_pb2.Model], str]:
+        """One page of models ordered by id, and the token of the next page ('' at the end).
+
+        `filter` (AIP-160 subset, terms joined by AND) accepts: name (prefix with a
+        trailing `*`), kind, model_type (alias family), architecture, state,
+        weight_format, base_model, parent (`parent = ""` for roots), tag,
+        labels.KEY. Enum values are accepted short (`READY`) or full.
+        """
+        size = paging.page_size(page_size)
+        terms = filtering.parse_filter(filter, MODEL_FILTER_FIELDS)
+        query = "models?" + filtering.canonical(terms)
+        last = paging.decode_page_token(page_token, query)
+        conditions = [self._model_condition(term) for term in terms]
+        if last is not None:
+            conditions.append(ModelRow.model_id > str(last[0]))
+        statement = (
+            select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+            .where(and_(true(), *conditions))
+            .order_by(ModelRow.model_id)
+            .limit(size + 1)
+        )
+        with self._read() as conn:
+            rows = conn.execute(statement).all()
+        models = [self._parse_model(r.model_id, r.etag, r.data) for r in rows[:size]]
+        next_token = ""
+        if len(rows) > size:
+            next_token = paging.encode_page_token([rows[size - 1].model_id], query)
+        return models, next_token
+
+    def update_model(self, model: model_pb2.Model, paths: Sequence[str]) -> model_pb2.Model:
+        """Apply the fields of `model` named by `paths` to the stored `model.name`.
+
+        Paths: display_name, description, author, license, tags, labels (or
+        `labels.KEY` for one label), parent. No paths means every one of those
+        fields that is set in `model`. When `model.etag` is set it must match
+        the stored etag (Aborted, reason ETAG_MISMATCH). Every write sets a new etag.
+        """
+        model_id = model_id_of(model.name)
+        paths = self._update_paths(model, paths)
+        with self._write() as session:
+            row = self._locked_model(session, model_id)
+            self._check_etag(row, model.etag)
+            entry = self._parse_model(model_id, row.etag, row.data)
+            for path in paths:
+                if path.startswith("labels."):
+                    key = path.removeprefix("labels.")
+                    if key in model.labels:
+                        entry.labels[key] = model.labels[key]
+                    else:
+                        entry.labels.pop(key, None)
+                elif path == "tags":
+                    del entry.tags[:]
+                    entry.tags.extend(model.tags)
+                elif path == "labels":
+                    entry.labels.clear()
+                    entry.labels.update(model.labels)
+                else:
+                    setattr(entry, path, getattr(model, path))
+            self._normalize(entry)
+            parent_pk = self._parent_pk(session, entry)
+            if "parent" in paths:
+                self._check_no_cycle(session, row.id, parent_pk, entry)
+            self._save_row(session, row, entry, parent_pk)
+        return entry
+
+    def save_model(self, model: model_pb2.Model, *, expected_etag: str | None = None) -> model_pb2.Model:
+        """Replace the stored entry `model.name` with `model` (the import flow's writes).
+
+        Name, create_time and version stay as stored; etag and update_time are
+        new. `expected_etag`, when given, must match (Aborted, reason ETAG_MISMATCH).
+        """
+        model_id = model_id_of(model.name)
+        entry = model_pb2.Model()
+        entry.CopyFrom(model)
+        self._normalize(entry)
+        with self._write() as session:
+            row = self._locked_model(session, model_id)
+            if expected_etag is not None:
+                self._check_etag(row, expected_etag, required=True)
+            entry.name = MODEL_PREFIX + model_id
+            entry.create_time.FromDatetime(row.create_time)
+            entry.version = row.version
+            parent_pk = self._parent_pk(session, entry)
+            if parent_pk != row.parent_id:
+                self._check_no_cycle(session, row.id, parent_pk, entry)
+            self._save_row(session, row, entry, parent_pk)
+        return entry
+
+    def delete_model(self, model_id: str, *, force: bool = False, etag: str = "") -> list[str]:
+        """Delete a model; with `force`, its descendants too (children first).
+
+        Returns the names deleted, in the order they were deleted. Without
+        `force`, a model with descendants is refused (FailedPrecondition, reason
+        MODEL_HAS_DESCENDANTS, listing them). A set `etag` must match.
+        """
+        model_id = model_id_of(model_id)
+        with self._write() as session:
+            row = self._locked_model(session, model_id)
+            self._check_etag(row, etag)
+            levels = self._descendant_levels(session, row.id)
+            descendants = [mid for level in levels for _pk, mid in level]
+            if descendants and not force:
+                names = [MODEL_PREFIX + mid for mid in descendants]
+                raise FailedPrecondition(
+                    f"models/{model_id} has {len(names)} descendant(s): {', '.join(names)}; "
+                    "delete them first or pass force to delete them all",
+                    reason="MODEL_HAS_DESCENDANTS",
+                    metadata={"model": MODEL_PREFIX + model_id, "descendants": ",".join(names)},
+                )
+            deleted: list[str] = []
+            for level in [*reversed(levels), [(row.id, model_id)]]:
+                pks = [pk for pk, _mid in level]
+                session.execute(delete(ModelTagRow).where(ModelTagRow.model_pk.in_(pks)))
+                session.execute(delete(ModelLabelRow).where(ModelLabelRow.model_pk.in_(pks)))
+                session.execute(delete(ModelRow).where(ModelRow.id.in_(pks)))
+                deleted.extend(MODEL_PREFIX + mid for _pk, mid in level)
+        self._cache.discard(model_id_of(name) for name in deleted)
+        return deleted
+
+    def get_lineage(self, model_id: str) -> tuple[list[model_pb2.Model], list[model_pb2.Model]]:
+        """(ancestors nearest first, descendants breadth first, by id within a level)."""
+        model_id = model_id_of(model_id)
+        with self._read() as conn:
+            start = conn.execute(
+                select(ModelRow.id, ModelRow.parent_id).where(ModelRow.model_id == model_id)
+            ).first()
+            if start is None:
+                raise self._model_not_found(model_id)
+            ancestors: list[model_pb2.Model] = []
+            seen = {start.id}
+            parent_pk = start.parent_id
+            while parent_pk is not None and parent_pk not in seen:
+                seen.add(parent_pk)
+                row = conn.execute(
+                    select(ModelRow.parent_id, ModelRow.model_id, ModelRow.etag, ModelRow.data).where(
+                        ModelRow.id == parent_pk
+                    )
+                ).first()
+                if row is None:
+                    break
+                ancestors.append(self._parse_model(row.model_id, row.etag, row.data))
+                parent_pk = row.parent_id
+            descendants: list[model_pb2.Model] = []
+            level = [start.id]
+            while level:
+                rows = conn.execute(
+                    select(ModelRow.id, ModelRow.model_id, ModelRow.etag, ModelRow.data)
+                    .where(ModelRow.parent_id.in_(level))
+                    .order_by(ModelRow.model_id)
+                ).all()
+                rows = [r for r in rows if r.id not in seen]
+                seen.update(r.id for r in rows)
+                descendants.extend(self._parse_model(r.model_id, r.etag, r.data) for r in rows)
+                level = [r.id for r in rows]
+        return ancestors, descendants
+
+    def next_version(self, source_key: str) -> int:
+        """The version the next import of `source_key` gets: 1 + the highest so far (1 if none)."""
+        if not source_key:
+            raise ValueError("source_key must not be empty")
+        with self._read() as conn:
+            highest = conn.execute(
+                select(func.max(ModelRow.version)).where(ModelRow.source_key == _source_column(source_key))
+            ).scalar()
+        return int(highest or 0) + 1
+
+    def find_by_source(self, source_key: str) -> list[model_pb2.Model]:
+        """Every model imported from `source_key`, oldest version first."""
+        if not source_key:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+                .where(ModelRow.source_key == _source_column(source_key))
+                .order_by(ModelRow.version, ModelRow.model_id)
+            ).all()
+        return [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
+
+    def find_by_local_path(self, local_path: str) -> model_pb2.Model | None:
+        """The entry whose files are at `local_path` (READY first, then the newest version), or None."""
+        if not local_path:
+            return None
+        found = self._find(ModelRow.local_path == local_path, limit=1)
+        return found[0] if found else None
+
+    def find_by_hub_repo(self, repo_id: str) -> list[model_pb2.Model]:
+        """Entries imported from hub repository `repo_id` (any case), READY first, newest version first."""
+        if not repo_id:
+            return []
+        return self._find(ModelRow.hub_repo == repo_id.lower())
+
+    def _find(self, condition: ColumnElement[bool], limit: int | None = None) -> list[model_pb2.Model]:
+        ready_first = case(
+            (ModelRow.state == model_pb2.ModelState.Name(model_pb2.MODEL_STATE_READY), 0), else_=1
+        )
+        statement = (
+            select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+            .where(condition)
+            .order_by(ready_first, ModelRow.version.desc(), ModelRow.model_id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(statement).all()
+        return [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
+
+    def fail_unfinished_imports(self, reason: str = "IMPORT_INTERRUPTED") -> list[str]:
+        """Mark entries left IMPORTING/VALIDATING (by a crash) FAILED; returns their names."""
+        names = [model_pb2.ModelState.Name(state) for state in UNFINISHED_STATES]
+        failed: list[str] = []
+        with self._write() as session:
+            rows = session.scalars(
+                self._lock(select(ModelRow).where(ModelRow.state.in_(names)).order_by(ModelRow.model_id))
+            ).all()
+            for row in rows:
+                entry = self._parse_model(row.model_id, row.etag, row.data)
+                entry.error.reason = reason
+                entry.error.message = (
+                    f"the catalog stopped while this model was "
+                    f"{model_pb2.ModelState.Name(entry.state).removeprefix('MODEL_STATE_').lower()}; "
+                    "import it again"
+                )
+                entry.state = model_pb2.MODEL_STATE_FAILED
+                self._save_row(session, row, entry, row.parent_id)
+                failed.append(entry.name)
+        return failed
+
+    # ------------------------------------------------------------------ model helpers
+
+    def _normalize(self, entry: model_pb2.Model) -> None:
+        """Canonical parent name, de-duplicated tags, kind agreeing with the config; limits."""
+        config = entry.WhichOneof("config")
+        if config is not None:
+            expected = _CONFIG_KINDS[config]
+            if entry.kind == model_pb2.MODEL_KIND_UNSPECIFIED:
+                entry.kind = expected
+            elif entry.kind != expected:
+                raise InvalidArgument(
+                    f"kind {model_pb2.ModelKind.Name(entry.kind)} does not agree with the {config} config",
+                    reason="KIND_MISMATCH",
+                    violations=[
+                        FieldViolation("model.kind", f"must be {model_pb2.ModelKind.Name(expected)}")
+                    ],
+                )
+        if entry.parent:
+            parent_id = model_id_of(entry.parent)
+            _check_id(parent_id, "parent", "model.parent")
+            entry.parent = MODEL_PREFIX + parent_id
+        tags = list(dict.fromkeys(entry.tags))
+        for tag in tags:
+            if not tag or len(tag) > MAX_TAG_CHARS:
+                raise InvalidArgument(
+                    f"tag {tag[:40]!r} is invalid: tags are 1-{MAX_TAG_CHARS} characters",
+                    reason="INVALID_TAG",
+                    violations=[FieldViolation("model.tags", f"each tag has 1-{MAX_TAG_CHARS} characters")],
+                )
+        del entry.tags[:]
+        entry.tags.extend(tags)
+        for key, value in entry.labels.items():
+            if not key or len(key) > MAX_LABEL_KEY_CHARS or len(value) > MAX_LABEL_VALUE_CHARS:
+                raise InvalidArgument(
+                    f"label {key[:40]!r} is invalid: keys have 1-{MAX_LABEL_KEY_CHARS} characters, "
+                    f"values at most {MAX_LABEL_VALUE_CHARS}",
+                    reason="INVALID_LABEL",
+                    violations=[FieldViolation(f"model.labels.{key[:40]}", "key or value too long or empty")],
+                )
+
+    @staticmethod
+    def _columns(entry: model_pb2.Model) -> dict[str, Any]:
+        """The indexed columns of an entry (everything except ids, lineage, versioning and data)."""
+        architecture = model_type = base_model = ""
+        weight_format = model_pb2.WEIGHT_FORMAT_UNSPECIFIED
+        config = entry.WhichOneof("config")
+        if config == "llm":
+            architecture, model_type = entry.llm.architecture, entry.llm.model_type
+            weight_format = entry.llm.weight_format
+            base_model = entry.llm.adapter.base_model
+        elif config == "image":
+            architecture, weight_format = entry.image.pipeline_class, entry.image.weight_format
+            if entry.image.base_model != model_pb2.IMAGE_BASE_MODEL_UNSPECIFIED:
+                base_model = model_pb2.ImageBaseModel.Name(entry.image.base_model)
+        elif config == "audio":
+            architecture, model_type = entry.audio.architecture, entry.audio.model_type
+        elif config == "video":
+            architecture = entry.video.architecture
+        if not base_model and entry.source.WhichOneof("source") == "fine_tune":
+            base_model = entry.source.fine_tune.base_model
+        for field, value in (
+            ("architecture", architecture),
+            ("model_type", model_type),
+            ("base_model", base_model),
+        ):
+            _check_bytes(field, value, MAX_INDEXED_BYTES)
+        hub_repo = ""
+        if entry.source.WhichOneof("source") == "hugging_face":
+            hub_repo = entry.source.hugging_face.repo_id.lower()
+        for field, value in (("local_path", entry.local_path), ("hub_repo", hub_repo)):
+            _check_bytes(field, value, MAX_INDEXED_BYTES)
+        return {
+            "local_path": entry.local_path,
+            "hub_repo": hub_repo,
+            "kind": model_pb2.ModelKind.Name(entry.kind),
+            "model_type": model_type,
+            "architecture": architecture,
+            "state": model_pb2.ModelState.Name(entry.state),
+            "weight_format": model_pb2.WeightFormat.Name(weight_format),
+            "base_model": base_model,
+        }
+
+    def _save_row(
+        self, session: Session, row: ModelRow, entry: model_pb2.Model, parent_pk: int | None
+    ) -> None:
+        """Write `entry` over `row` with a new etag and update time."""
+        now = self.clock()
+        entry.etag = _new_etag()
+        entry.update_time.FromDatetime(now)
+        for column, value in self._columns(entry).items():
+            setattr(row, column, value)
+        row.parent_id = parent_pk
+        row.etag = entry.etag
+        row.update_time = now
+        row.data = _to_json(entry)
+        session.flush()
+        self._replace_tags_labels(session, row.id, entry)
+        # Harmless if the transaction then fails: the stored etag will not match.
+        self._cache.put(row.model_id, entry.etag, entry)
+
+    @staticmethod
+    def _replace_tags_labels(session: Session, pk: int, entry: model_pb2.Model, *, new: bool = False) -> None:
+        if not new:
+            session.execute(delete(ModelTagRow).where(ModelTagRow.model_pk == pk))
+            session.execute(delete(ModelLabelRow).where(ModelLabelRow.model_pk == pk))
+        if entry.tags:
+            session.execute(insert(ModelTagRow), [{"model_pk": pk, "tag": tag} for tag in entry.tags])
+        if entry.labels:
+            session.execute(
+                insert(ModelLabelRow),
+                [{"model_pk": pk, "key": k, "value": v} for k, v in sorted(entry.labels.items())],
+            )
+
+    def _parent_pk(self, session: Session, entry: model_pb2.Model) -> int | None:
+        if not entry.parent:
+            return None
+        pk = session.scalar(select(ModelRow.id).where(ModelRow.model_id == model_id_of(entry.parent)))
+        if pk is None:
+            raise self._parent_missing(entry.parent)
+        return pk
+
+    @staticmethod
+    def _parent_missing(parent: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"parent model {parent} is not in the catalog; import or create it first",
+            reason="PARENT_NOT_FOUND",
+            metadata={"parent": parent},
+        )
+
+    def _check_no_cycle(
+        self, session: Session, pk: int, parent_pk: int | None, entry: model_pb2.Model
+    ) -> None:
+        """Refuse a parent that is the model itself or one of its descendants."""
+        seen: set[int] = set()
+        current = parent_pk
+        while current is not None and current not in seen:
+            if current == pk:
+                raise InvalidArgument(
+                    f"{entry.parent} descends from {entry.name}: a model cannot be its own ancestor",
+                    reason="LINEAGE_CYCLE",
+                    metadata={"model": entry.name, "parent": entry.parent},
+                    violations=[
+                        FieldViolation("model.parent", "must not be the model or one of its descendants")
+                    ],
+                )
+            seen.add(current)
+            current = session.scalar(select(ModelRow.parent_id).where(ModelRow.id == current))
+
+    def _descendant_levels(self, session: Session, pk: int) -> list[list[tuple[int, str]]]:
+        """Descendants of `pk` level by level: [(pk, model_id), ...] per generation."""
+        levels: list[list[tuple[int, str]]] = []
+        seen = {pk}
+        level = [pk]
+        while level:
+            rows = session.execute(
+                self._lock(
+                    select(ModelRow.id, ModelRow.model_id)
+                    .where(ModelRow.parent_id.in_(level))
+                    .order_by(ModelRow.model_id)
+                )
+            ).all()
+            found = [(r.id, r.model_id) for r in rows if r.id not in seen]
+            seen.update(p for p, _ in found)
+            if found:
+                levels.append(found)
+            level = [p for p, _ in found]
+        return levels
+
+    def _locked_model(self, session: Session, model_id: str) -> ModelRow:
+        row = session.scalars(self._lock(select(ModelRow).where(ModelRow.model_id == model_id))).first()
+        if row is None:
+            raise self._model_not_found(model_id)
+        return row
+
+    @staticmethod
+    def _check_etag(row: ModelRow, etag: str, *, required: bool = False) -> None:
+        if (etag or required) and etag != row.etag:
+            name = MODEL_PREFIX + row.model_id
+            raise Aborted(
+                f"{name} changed since it was read (etag {etag!r} is stale); read it again and retry",
+                reason="ETAG_MISMATCH",
+                metadata={"model": name, "etag": etag},
+            )
+
+    def _model_exists(self, model_id: str) -> bool:
+        with self._read() as conn:
+            return conn.execute(self._get_model_stmt, {"model_id": model_id}).first() is not None
+
+    @staticmethod
+    def _model_not_found(model_id: str) -> NotFound:
+        name = MODEL_PREFIX + model_id
+        return NotFound(f"model {name} not found", reason="MODEL_NOT_FOUND", metadata={"model": name})
+
+    @staticmethod
+    def _update_paths(model: model_pb2.Model, paths: Sequence[str]) -> list[str]:
+        if not paths:
+            # AIP-134: no mask means every updatable field the request sets.
+            return [p for p in UPDATABLE_MODEL_PATHS if _is_set(model, p)]
+        for path in paths:
+            if path not in UPDATABLE_MODEL_PATHS and not (path.startswith("labels.") and len(path) > 7):
+                raise InvalidArgument(
+                    f"field {path!r} cannot be updated; updatable fields: {', '.join(UPDATABLE_MODEL_PATHS)}",
+                    reason="INVALID_UPDATE_MASK",
+                    metadata={"path": path},
+                    violations=[FieldViolation("update_mask", f"{path} is not updatable")],
+                )
+        return list(dict.fromkeys(paths))
+
+    def _model_condition(self, term: Term) -> ColumnElement[bool]:
+        """The SQL condition (bound parameters only) for one filter term."""
+        field = term.field
+        if field == "name":
+            value = term.value.removeprefix(MODEL_PREFIX)
+            return _negate(term, _string_match(ModelRow.model_id, Term(field, term.op, value)))
+        if field in ("model_type", "family"):
+            return _negate(term, _string_match(ModelRow.model_type, term))
+        if field == "architecture":
+            return _negate(term, _string_match(ModelRow.architecture, term))
+        if field == "kind":
+            return _negate(
+                term, ModelRow.kind == _enum_value(model_pb2.ModelKind, "MODEL_KIND_", field, term.value)
+            )
+        if field == "state":
+            value = _enum_value(model_pb2.ModelState, "MODEL_STATE_", field, term.value)
+            return _negate(term, ModelRow.state == value)
+        if field == "weight_format":
+            value = _enum_value(model_pb2.WeightFormat, "WEIGHT_FORMAT_", field, term.value)
+            return _negate(term, ModelRow.weight_format == value)
+        if field == "base_model":
+            return _negate(term, self._base_model_condition(term))
+        if field == "parent":
+            return self._parent_condition(term)
+        if field in ("tag", "tags"):
+            tag_match = _string_match(ModelTagRow.tag, term)
+            has_tag = exists().where(ModelTagRow.model_pk == ModelRow.id, tag_match)
+            return _negate(term, has_tag)
+        if field.startswith("labels."):
+            key = field.removeprefix("labels.")
+            conditions = [ModelLabelRow.model_pk == ModelRow.id, ModelLabelRow.key == key]
+            if not (term.op == filtering.HAS and term.value == "*"):
+                conditions.append(_string_match(ModelLabelRow.value, term))
+            return _negate(term, exists().where(*conditions))
+        raise filter_error(f"unknown filter field {field!r}")  # pragma: no cover - parse_filter checks
+
+    @staticmethod
+    def _base_model_condition(term: Term) -> ColumnElement[bool]:
+        if term.value.endswith("*") or term.value == "*":
+            return _string_match(ModelRow.base_model, term)
+        candidates = {term.value}
+        upper = term.value.upper()
+        image_names = set(model_pb2.ImageBaseModel.keys())
+        for name in (upper, "IMAGE_BASE_MODEL_" + upper):
+            if name in image_names:
+                candidates.add(name)
+        if not term.value.startswith(MODEL_PREFIX):
+            candidates.add(MODEL_PREFIX + term.value)
+        return ModelRow.base_model.in_(sorted(candidates))
+
+    @staticmethod
+    def _parent_condition(term: Term) -> ColumnElement[bool]:
+        if term.op == filtering.HAS and term.value == "*":
+            return ModelRow.parent_id.is_not(None)
+        if term.value == "":
+            is_root = ModelRow.parent_id.is_(None)
+            return not_(is_root) if term.op == filtering.NE else is_root
+        parent = aliased(ModelRow)
+        parent_pk = select(parent.id).where(parent.model_id == model_id_of(term.value)).scalar_subquery()
+        if term.op == filtering.NE:
+            return or_(ModelRow.parent_id.is_(None), ModelRow.parent_id != parent_pk)
+        return ModelRow.parent_id == parent_pk
+
+    # ------------------------------------------------------------------ workers
+
+    def upsert_worker(self, worker_id: str, worker: worker_pb2.Worker) -> worker_pb2.Worker:
+        """Register `workers/{worker_id}` or refresh its registration (create_time is kept).
+
+        Registering counts as a heartbeat. The stored state is DRAINING when the
+        worker says so, HEALTHY otherwise.
+        """
+        worker_id = worker_id_of(worker_id)
+        _check_id(worker_id, "worker", "worker_id")
+        entry = worker_pb2.Worker()
+        entry.CopyFrom(worker)
+        entry.name = WORKER_PREFIX + worker_id
+        if entry.state != worker_pb2.WORKER_STATE_DRAINING:
+            entry.state = worker_pb2.WORKER_STATE_HEALTHY
+        _check_bytes("worker.capabilities.engine", entry.capabilities.engine, MAX_INDEXED_BYTES)
+        for attempt in range(3):
+            now = self.clock()
+            entry.last_heartbeat_time.FromDatetime(now)
+            try:
+                with self._write() as session:
+                    row = session.scalars(
+                        self._lock(select(WorkerRow).where(WorkerRow.worker_id == worker_id))
+                    ).first()
+                    if row is None:
+                        entry.create_time.FromDatetime(now)
+                        row = WorkerRow(worker_id=worker_id, create_time=now)
+                        session.add(row)
+                    else:
+                        entry.create_time.FromDatetime(row.create_time)
+                    self._fill_worker_row(row, entry, now)
+                return self._derive_state(entry, now)
+            except IntegrityError:
+                # Two registrations of a new id raced; the loser updates the winner's row.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        load: worker_pb2.WorkerLoad | None = None,
+        free_memory_bytes: int | None = None,
+        loaded_models: Sequence[worker_pb2.LoadedModel] | None = None,
+        state: int = worker_pb2.WORKER_STATE_UNSPECIFIED,
+    ) -> worker_pb2.Worker:
+        """Record a heartbeat: load, free memory, loaded models and HEALTHY/DRAINING.
+
+        Arguments left None (or state UNSPECIFIED) keep their stored values. An
+        unknown worker is NotFound (reason WORKER_NOT_FOUND): it must register again.
+        """
+        worker_id = worker_id_of(worker_id)
+        if state not in (
+            worker_pb2.WORKER_STATE_UNSPECIFIED,
+            worker_pb2.WORKER_STATE_HEALTHY,
+            worker_pb2.WORKER_STATE_DRAINING,
+        ):
+            raise InvalidArgument(
+                "a heartbeat reports HEALTHY or DRAINING; UNAVAILABLE is decided by the catalog",
+                reason="INVALID_WORKER_STATE",
+                violations=[FieldViolation("state", "must be HEALTHY, DRAINING or unset")],
+            )
+        now = self.clock()
+        with self._write() as session:
+            row = session.scalars(
+                self._lock(select(WorkerRow).where(WorkerRow.worker_id == worker_id))
+            ).first()
+            if row is None:
+                raise self._worker_not_found(worker_id)
+            entry = self._worker_cache.parse(worker_pb2.Worker, worker_id, row.data, row.data)
+            if load is not None:
+                entry.load.CopyFrom(load)
+            if free_memory_bytes is not None:
+                entry.device.free_memory_bytes = free_memory_bytes
+            if loaded_models is not None:
+                del entry.loaded_models[:]
+                entry.loaded_models.extend(loaded_models)
+            if state != worker_pb2.WORKER_STATE_UNSPECIFIED:
+                entry.state = state  # type: ignore[assignment]
+            entry.last_heartbeat_time.FromDatetime(now)
+            self._fill_worker_row(row, entry, now)
+        return self._derive_state(entry, now)
+
+    def delete_worker(self, worker_id: str) -> None:
+        """Remove a worker's registration (NotFound, reason WORKER_NOT_FOUND, if absent)."""
+        worker_id = worker_id_of(worker_id)
+        with self._write() as session:
+            result = session.execute(delete(WorkerRow).where(WorkerRow.worker_id == worker_id))
+            if getattr(result, "rowcount", 0) == 0:
+                raise self._worker_not_found(worker_id)
+
+    def get_worker(self, worker_id: str) -> worker_pb2.Worker:
+        """The worker `workers/{worker_id}` with its derived state."""
+        worker_id = worker_id_of(worker_id)
+        with self._read() as conn:
+            data = conn.execute(self._get_worker_stmt, {"worker_id": worker_id}).scalar()
+        if data is None:
+            raise self._worker_not_found(worker_id)
+        return self._parse_worker(worker_id, data, self.clock())
+
+    def list_workers(
+        self, page_size: int = 0, page_token: str = "", filter: str = ""
+    ) -> tuple[list[worker_pb2.Worker], str]:
+        """One page of workers ordered by id, and the next page's token ('' at the end).
+
+        `filter` fields: name (prefix with `*`), role, engine, state (the derived
+        state: `state = UNAVAILABLE` finds workers whose heartbeat lapsed).
+        """
+        size = paging.page_size(page_size)
+        terms = filtering.parse_filter(filter, WORKER_FILTER_FIELDS)
+        query = "workers?" + filtering.canonical(terms)
+        last = paging.decode_page_token(page_token, query)
+        now = self.clock()
+        conditions = [self._worker_condition(term, now) for term in terms]
+        if last is not None:
+            conditions.append(WorkerRow.worker_id > str(last[0]))
+        statement = (
+            select(WorkerRow.worker_id, WorkerRow.data)
+            .where(and_(true(), *conditions))
+            .order_by(WorkerRow.worker_id)
+            .limit(size + 1)
+        )
+        with self._read() as conn:
+            rows = conn.execute(statement).all()
+        workers = [self._parse_worker(r.worker_id, r.data, now) for r in rows[:size]]
+        next_token = ""
+        if len(rows) > size:
+            next_token = paging.encode_page_token([rows[size - 1].worker_id], query)
+        return workers, next_token
+
+    def all_workers(self) -> list[worker_pb2.Worker]:
+        """Every registered worker, ordered by id, with derived states (for routing)."""
+        now = self.clock()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(WorkerRow.worker_id, WorkerRow.data).order_by(WorkerRow.worker_id)
+            ).all()
+        return [self._parse_worker(r.worker_id, r.data, now) for r in rows]
+
+    # ------------------------------------------------------------------ worker helpers
+
+    @staticmethod
+    def _fill_worker_row(row: WorkerRow, entry: worker_pb2.Worker, now: datetime) -> None:
+        row.role = worker_pb2.WorkerRole.Name(entry.role)
+        row.engine = entry.capabilities.engine
+        row.address = entry.address
+        row.state = worker_pb2.WorkerState.Name(entry.state)
+        row.last_heartbeat_time = now
+        row.data = _to_json(entry)
+
+    def _derive_state(self, worker: worker_pb2.Worker, now: datetime) -> worker_pb2.Worker:
+        beat = worker.last_heartbeat_time.seconds + worker.last_heartbeat_time.nanos / 1e9
+        if now.timestamp() - beat > self.heartbeat_ttl:
+            worker.state = worker_pb2.WORKER_STATE_UNAVAILABLE
+        return worker
+
+    def _worker_condition(self, term: Term, now: datetime) -> ColumnElement[bool]:
+        field = term.field
+        if field == "name":
+            value = term.value.removeprefix(WORKER_PREFIX)
+            return _negate(term, _string_match(WorkerRow.worker_id, Term(field, term.op, value)))
+        if field == "role":
+            value = _enum_value(worker_pb2.WorkerRole, "WORKER_ROLE_", field, term.value)
+            return _negate(term, WorkerRow.role == value)
+        if field == "engine":
+            return _negate(term, _string_match(WorkerRow.engine, term))
+        if field == "state":
+            value = _enum_value(worker_pb2.WorkerState, "WORKER_STATE_", field, term.value)
+            cutoff = now - timedelta(seconds=self.heartbeat_ttl)
+            lapsed = WorkerRow.last_heartbeat_time < cutoff
+            condition: ColumnElement[bool]
+            if value == "WORKER_STATE_UNAVAILABLE":
+                condition = lapsed
+            elif value == "WORKER_STATE_UNSPECIFIED":
+                condition = false()
+            else:
+                condition = and_(WorkerRow.state == value, not_(lapsed))
+            return _negate(term, condition)
+        raise filter_error(f"unknown filter field {field!r}")  # pragma: no cover - parse_filter checks
+
+    @staticmethod
+    def _worker_not_found(worker_id: str) -> NotFound:
+        name = WORKER_PREFIX + worker_id
+        return NotFound(
+            f"worker {name} not found; a worker registers again after this",
+            reason="WORKER_NOT_FOUND",
+            metadata={"worker": name},
+        )
+
+
+def _is_set(model: model_pb2.Model, path: str) -> bool:
+    value = getattr(model, path)
+    return bool(len(value)) if path in ("tags", "labels") else bool(value)
+
+
+__all__ = [
+    "ID_PATTERN",
+    "MODEL_FILTER_FIELDS",
+    "UPDATABLE_MODEL_PATHS",
+    "WORKER_FILTER_FIELDS",
+    "CatalogStore",
+    "model_id_of",
+    "utc_now",
+    "worker_id_of",
+]
