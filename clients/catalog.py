@@ -17,13 +17,13 @@ DEFAULT_ADDRESS = "localhost:50051"
 
 
 def model_name(model: str) -> str:
-    """`x` or `models/x` -> `models/x`."""
-    return model if model.startswith("models/") else f"models/{model}"
+    """`x` or `models/x` -> `models/x`; empty stays empty (the server says it is required)."""
+    return model if not model or model.startswith("models/") else f"models/{model}"
 
 
 def worker_name(worker: str) -> str:
-    """`x` or `workers/x` -> `workers/x`."""
-    return worker if worker.startswith("workers/") else f"workers/{worker}"
+    """`x` or `workers/x` -> `workers/x`; empty stays empty."""
+    return worker if not worker or worker.startswith("workers/") else f"workers/{worker}"
 
 
 class _Requests:
@@ -193,9 +193,23 @@ class AsyncCatalogClient(AsyncClient):
         request = _Requests.import_model(source, **kwargs)
         return await self.call("ImportModel", request, lambda r: r.model, timeout=timeout)
 
+    async def create_model(self, model_id: str, model: model_pb2.Model) -> model_pb2.Model:
+        """Create an entry from a full description."""
+        return await self.call(
+            "CreateModel", pb.CreateModelRequest(model_id=model_id, model=model), lambda r: r.model
+        )
+
     async def get_model(self, model: str) -> model_pb2.Model:
         """Get one model."""
         return await self.call("GetModel", pb.GetModelRequest(name=model_name(model)), lambda r: r.model)
+
+    async def list_models_page(
+        self, *, filter: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListModelsResponse:
+        """One page of models."""
+        return await self.call(
+            "ListModels", pb.ListModelsRequest(filter=filter, page_size=page_size, page_token=page_token)
+        )
 
     async def list_models(self, *, filter: str = "", page_size: int = 100) -> AsyncIterator[model_pb2.Model]:
         """Iterate over all models matching `filter`."""
@@ -210,10 +224,33 @@ class AsyncCatalogClient(AsyncClient):
             if not token:
                 return
 
-    async def delete_model(self, model: str, *, force: bool = False) -> list[str]:
-        """Delete a model; returns the deleted names."""
-        request = pb.DeleteModelRequest(name=model_name(model), force=force)
+    async def update_model(self, model: model_pb2.Model, paths: Sequence[str]) -> model_pb2.Model:
+        """Update the fields named in `paths`."""
+        return await self.call("UpdateModel", _Requests.update_model(model, paths), lambda r: r.model)
+
+    async def delete_model(self, model: str, *, force: bool = False, etag: str = "") -> list[str]:
+        """Delete a model (and with `force` its descendants); returns the deleted names."""
+        request = pb.DeleteModelRequest(name=model_name(model), force=force, etag=etag)
         return await self.call("DeleteModel", request, lambda r: list(r.deleted))
+
+    async def validate_model(self, model: str, *, deep: bool = False) -> pb.ValidateModelResponse:
+        """Validate a model's files and config."""
+        return await self.call(
+            "ValidateModel", pb.ValidateModelRequest(name=model_name(model), deep=deep), timeout=600.0
+        )
+
+    async def get_lineage(self, model: str) -> pb.GetModelLineageResponse:
+        """Ancestors and descendants of a model."""
+        return await self.call("GetModelLineage", pb.GetModelLineageRequest(name=model_name(model)))
+
+    async def detect_model_type(self, *, model: str = "", path: str = "") -> pb.DetectModelTypeResponse:
+        """Detect the model type of a catalog model or a path."""
+        request = (
+            pb.DetectModelTypeRequest(name=model_name(model))
+            if model
+            else pb.DetectModelTypeRequest(path=path)
+        )
+        return await self.call("DetectModelType", request)
 
     async def watch_model(self, model: str) -> AsyncIterator[pb.WatchModelResponse]:
         """Stream a model's state changes."""
@@ -235,6 +272,25 @@ class AsyncCatalogClient(AsyncClient):
     async def deregister_worker(self, worker: str) -> None:
         """Remove a worker."""
         await self.call("DeregisterWorker", pb.DeregisterWorkerRequest(name=worker_name(worker)))
+
+    async def get_worker(self, worker: str) -> worker_pb2.Worker:
+        """Get one worker."""
+        return await self.call("GetWorker", pb.GetWorkerRequest(name=worker_name(worker)), lambda r: r.worker)
+
+    async def list_workers(
+        self, *, filter: str = "", page_size: int = 100
+    ) -> AsyncIterator[worker_pb2.Worker]:
+        """Iterate over all workers matching `filter`."""
+        token = ""
+        while True:
+            page: pb.ListWorkersResponse = await self.call(
+                "ListWorkers", pb.ListWorkersRequest(filter=filter, page_size=page_size, page_token=token)
+            )
+            for worker in page.workers:
+                yield worker
+            token = page.next_page_token
+            if not token:
+                return
 
     async def check_compatibility(
         self, model: str, *, worker: str = "", engine_spec: worker_pb2.EngineSpec | None = None

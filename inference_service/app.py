@@ -1,14 +1,66 @@
-"""The inference service as a `ServiceApp`."""
+"""The inference service as a `ServiceApp`: engines, model manager, registration."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from pathlib import Path
+
 from grpc import aio
 
+import server_kit
+from clients.catalog import AsyncCatalogClient
+from inference_service.engines.base import Engine
+from inference_service.models import ModelManager
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from modelyard.catalog.v1 import catalog_service_pb2, worker_pb2
 from modelyard.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from server_kit import capabilities
+from server_kit.registration import WorkerRegistration
 
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+log = logging.getLogger("modelyard.inference")
+
+
+def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec]:
+    """The engines this server can run, in order of preference, with their capabilities."""
+    device = capabilities.describe_device()
+    names = ["vllm", "transformers"] if settings.engine == "auto" else [settings.engine]
+    specs: dict[str, worker_pb2.EngineSpec] = {}
+    for name in names:
+        if name == "vllm":
+            caps = capabilities.vllm_capabilities(max_lora_rank=settings.max_lora_rank)
+        elif name == "transformers":
+            caps = capabilities.transformers_capabilities()
+        else:
+            raise ValueError(f"unknown engine {name!r}: use vllm, transformers or auto")
+        caps.allows_remote_code = settings.allow_remote_code
+        if settings.max_model_len:
+            caps.max_context_length = settings.max_model_len
+        specs[name] = worker_pb2.EngineSpec(role=worker_pb2.WORKER_ROLE_INFERENCE, capabilities=caps, device=device)
+    return specs
+
+
+def make_engine(settings: InferenceSettings, name: str, path: Path, max_model_len: int | None) -> Engine:
+    """A new engine `name` for the model at `path`."""
+    max_len = max_model_len or settings.max_model_len or None
+    if name == "vllm":
+        from inference_service.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(
+            path,
+            max_model_len=max_len,
+            kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
+            max_num_seqs=settings.max_num_seqs,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+            tensor_parallel_size=settings.tensor_parallel_size,
+        )
+    from inference_service.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(path, max_model_len=max_len)
 
 
 class InferenceApp:
@@ -18,13 +70,85 @@ class InferenceApp:
 
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
-        self.servicer = InferenceServicer()
+        self.catalog: AsyncCatalogClient | None = None
+        self.manager: ModelManager | None = None
+        self.registration: WorkerRegistration | None = None
+        self.specs: dict[str, worker_pb2.EngineSpec] = {}
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.specs = await asyncio.to_thread(engine_specs, self.settings)
+        if self.settings.catalog_address:
+            self.catalog = AsyncCatalogClient(self.settings.catalog_address)
+        self.manager = ModelManager(
+            self.catalog,
+            self.specs,
+            lambda name, path, max_len: make_engine(self.settings, name, path, max_len),
+            preferred_engine=self.settings.engine,
+            max_concurrent_requests=self.settings.max_concurrent_requests,
+            load_on_first_use=self.settings.load_on_first_use,
+        )
+
+    @property
+    def primary_spec(self) -> worker_pb2.EngineSpec:
+        """The engine this worker registers as (the first preferred one)."""
+        return next(iter(self.specs.values()))
+
+    def server_info(self, worker_id: str = "") -> inference_service_pb2.GetServerInfoResponse:
+        spec = self.primary_spec
+        return inference_service_pb2.GetServerInfoResponse(
+            version=server_kit.__version__,
+            worker_id=worker_id,
+            capabilities=spec.capabilities,
+            device=spec.device,
+            max_concurrent_requests=self.settings.max_concurrent_requests,
+        )
 
     def add_to_server(self, server: aio.Server) -> None:
+        assert self.manager is not None, "start() first"
+        self.servicer = InferenceServicer(self.manager, self.server_info())
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
 
+    async def on_serving(self, port: int) -> None:
+        worker_id = self.settings.resolved_worker_id(port)
+        self.servicer.server_info.worker_id = worker_id
+        if not self.settings.catalog_address:
+            return
+        self.registration = WorkerRegistration(
+            self.settings.catalog_address,
+            worker_id,
+            lambda: self._describe(port),
+            self._heartbeat,
+        )
+        await self.registration.start()
+
+    def _describe(self, port: int) -> worker_pb2.Worker:
+        spec = self.primary_spec
+        return worker_pb2.Worker(
+            display_name=f"inference ({spec.capabilities.engine})",
+            address=self.settings.resolved_advertise_address(port),
+            role=worker_pb2.WORKER_ROLE_INFERENCE,
+            capabilities=spec.capabilities,
+            device=spec.device,
+        )
+
+    def _heartbeat(self) -> catalog_service_pb2.HeartbeatRequest:
+        assert self.manager is not None
+        request = catalog_service_pb2.HeartbeatRequest(
+            load=worker_pb2.WorkerLoad(running=self.manager.running),
+            state=worker_pb2.WORKER_STATE_HEALTHY,
+        )
+        for loaded in self.manager.loaded():
+            request.loaded_models.add(model=loaded.model.name, adapters=list(loaded.adapters))
+        free = capabilities.free_memory_bytes()
+        if free is not None:
+            request.free_memory_bytes = free
+        return request
+
     async def stop(self) -> None:
-        return None
+        if self.registration is not None:
+            await self.registration.stop()
+        if self.manager is not None:
+            await self.manager.close()
+        if self.catalog is not None:
+            await self.catalog.close()

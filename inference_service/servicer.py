@@ -1,9 +1,241 @@
-"""InferenceService servicer: translates protos to domain calls and back, nothing else."""
+"""InferenceService servicer: translates protos to engine requests and back, nothing else."""
 
 from __future__ import annotations
 
-from modelyard.inference.v1 import inference_service_pb2_grpc
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from grpc import aio
+
+from inference_service.engines.base import (
+    EngineRequest,
+    FinishReason,
+    SamplingSpec,
+    StructuredOutputSpec,
+    collect,
+)
+from inference_service.models import LoadedModel, ModelManager
+from inference_service.sampling import validate_sampling
+from modelyard.inference.v1 import inference_service_pb2 as pb
+from modelyard.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "n", "logprobs", "ignore_eos",
+)  # fmt: skip
 
 
-class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    """RPCs not implemented here answer UNIMPLEMENTED."""
+def sampling_spec(params: pb.SamplingParams) -> SamplingSpec:
+    """proto SamplingParams -> SamplingSpec (unset optional fields stay None)."""
+    values: dict[str, Any] = {name: getattr(params, name) for name in _SAMPLING_FIELDS if params.HasField(name)}
+    return SamplingSpec(stop=tuple(params.stop), stop_token_ids=tuple(params.stop_token_ids), **values)
+
+
+def structured_spec(message: pb.StructuredOutput) -> StructuredOutputSpec | None:
+    """proto StructuredOutput -> StructuredOutputSpec (None when no constraint)."""
+    kind = message.WhichOneof("constraint")
+    if kind == "json_schema":
+        return StructuredOutputSpec(json_schema=message.json_schema)
+    if kind == "regex":
+        return StructuredOutputSpec(regex=message.regex)
+    if kind == "choice":
+        return StructuredOutputSpec(choice=tuple(message.choice.choices))
+    return None
+
+
+def loaded_model_proto(loaded: LoadedModel) -> pb.LoadedModel:
+    """LoadedModel (domain) -> proto."""
+    load_time = timestamp_pb2.Timestamp()
+    load_time.FromNanoseconds(int(loaded.load_time * 1e9))
+    return pb.LoadedModel(
+        model=loaded.model.name,
+        engine=loaded.engine.name,
+        state=pb.LOADED_MODEL_STATE_READY,
+        adapters=list(loaded.adapters),
+        max_model_len=loaded.engine.max_model_len,
+        load_time=load_time,
+    )
+
+
+def _usage(delta_usage: Any) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=delta_usage.prompt_tokens,
+        completion_tokens=delta_usage.completion_tokens,
+        total_tokens=delta_usage.total_tokens,
+    )
+
+
+def _logprobs(delta: Any) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=lp.token) for lp in delta]
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """The gRPC face of `ModelManager` and its engines."""
+
+    def __init__(self, manager: ModelManager, server_info: pb.GetServerInfoResponse) -> None:
+        self.manager = manager
+        self.server_info = server_info
+
+    async def _prepare(
+        self,
+        model: str,
+        adapter: str,
+        sampling: pb.SamplingParams,
+        structured: pb.StructuredOutput,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        add_special_tokens: bool = True,
+    ) -> tuple[LoadedModel, EngineRequest]:
+        loaded, adapter_id = await self.manager.target(model, adapter)
+        engine = loaded.engine
+        spec = loaded.defaults.apply(sampling_spec(sampling))
+        if prompt_token_ids is None:
+            prompt_token_ids = engine.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
+        validate_sampling(
+            spec,
+            max_model_len=engine.max_model_len,
+            prompt_tokens=len(prompt_token_ids),
+            vocab_size=engine.tokenizer.vocab_size,
+        )
+        request = EngineRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt_token_ids,
+            sampling=spec,
+            adapter_id=adapter_id,
+            structured_output=structured_spec(structured),
+        )
+        return loaded, request
+
+    async def _generate_request(
+        self, request: pb.GenerateRequest | pb.StreamGenerateRequest
+    ) -> tuple[LoadedModel, EngineRequest]:
+        ids = list(request.prompt_token_ids.ids) if request.WhichOneof("input") == "prompt_token_ids" else None
+        return await self._prepare(
+            request.model,
+            request.adapter,
+            request.sampling,
+            request.structured_output,
+            request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=ids,
+        )
+
+    async def _chat_request(self, request: pb.ChatRequest | pb.StreamChatRequest) -> tuple[LoadedModel, EngineRequest]:
+        loaded, _ = await self.manager.target(request.model, request.adapter)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        template = request.chat_template if request.HasField("chat_template") else None
+        if template is None and loaded.model.llm.tokenizer.HasField("chat_template"):
+            template = loaded.model.llm.tokenizer.chat_template  # the one recorded in the catalog
+        prompt = loaded.engine.tokenizer.apply_chat_template(messages, template=template)
+        return await self._prepare(
+            request.model,
+            request.adapter,
+            request.sampling,
+            request.structured_output,
+            request.request_id,
+            prompt=prompt,
+            add_special_tokens=False,
+        )
+
+    async def Generate(self, request: pb.GenerateRequest, context: aio.ServicerContext) -> pb.GenerateResponse:
+        with self.manager.admit():
+            loaded, engine_request = await self._generate_request(request)
+            result = await collect(loaded.engine.generate(engine_request))
+        return pb.GenerateResponse(
+            request_id=engine_request.request_id,
+            model=loaded.model.name,
+            completions=[
+                pb.Completion(
+                    index=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    finish_reason=_FINISH[c.finish_reason],
+                    logprobs=_logprobs(c.logprobs),
+                )
+                for c in result.completions
+            ],
+            usage=_usage(result.usage),
+        )
+
+    async def StreamGenerate(
+        self, request: pb.StreamGenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        with self.manager.admit():
+            loaded, engine_request = await self._generate_request(request)
+            async for delta in loaded.engine.generate(engine_request):
+                yield pb.StreamGenerateResponse(
+                    request_id=engine_request.request_id,
+                    index=delta.index,
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    finish_reason=_FINISH[delta.finish_reason],
+                    logprobs=_logprobs(delta.logprobs),
+                    usage=_usage(delta.usage) if delta.usage else None,
+                )
+
+    async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
+        with self.manager.admit():
+            loaded, engine_request = await self._chat_request(request)
+            result = await collect(loaded.engine.generate(engine_request))
+        return pb.ChatResponse(
+            request_id=engine_request.request_id,
+            model=loaded.model.name,
+            choices=[
+                pb.ChatChoice(
+                    index=c.index,
+                    message=pb.ChatMessage(role="assistant", content=c.text),
+                    finish_reason=_FINISH[c.finish_reason],
+                )
+                for c in result.completions
+            ],
+            usage=_usage(result.usage),
+        )
+
+    async def StreamChat(
+        self, request: pb.StreamChatRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamChatResponse]:
+        with self.manager.admit():
+            loaded, engine_request = await self._chat_request(request)
+            async for delta in loaded.engine.generate(engine_request):
+                yield pb.StreamChatResponse(
+                    request_id=engine_request.request_id,
+                    index=delta.index,
+                    content=delta.text,
+                    finish_reason=_FINISH[delta.finish_reason],
+                    usage=_usage(delta.usage) if delta.usage else None,
+                )
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: aio.ServicerContext) -> pb.LoadModelResponse:
+        max_len = request.max_model_len if request.HasField("max_model_len") else None
+        loaded = await self.manager.load(request.model, max_model_len=max_len)
+        return pb.LoadModelResponse(loaded_model=loaded_model_proto(loaded))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: aio.ServicerContext) -> pb.UnloadModelResponse:
+        await self.manager.unload(request.model)
+        return pb.UnloadModelResponse()
+
+    async def ListLoadedModels(
+        self, request: pb.ListLoadedModelsRequest, context: aio.ServicerContext
+    ) -> pb.ListLoadedModelsResponse:
+        return pb.ListLoadedModelsResponse(loaded_models=[loaded_model_proto(m) for m in self.manager.loaded()])
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        info = pb.GetServerInfoResponse()
+        info.CopyFrom(self.server_info)
+        info.loaded_models.extend(loaded_model_proto(m) for m in self.manager.loaded())
+        return info
+
+

@@ -101,6 +101,9 @@ class _RaisingApp:
     async def stop(self) -> None:
         return None
 
+    async def on_serving(self, port: int) -> None:
+        return None
+
     def add_to_server(self, server: aio.Server) -> None:
         async def raise_error(request: bytes, context: aio.ServicerContext) -> bytes:
             name = request.decode()

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,7 +63,7 @@ def catalog(db_url: str, models_root: Path, tmp_path: Path) -> Iterator[CatalogC
         server.stop()
 
 
-def _code(call, *args, **kwargs) -> ModelyardRpcError:  # type: ignore[no-untyped-def]
+def _code(call: Callable[..., object], *args: object, **kwargs: object) -> ModelyardRpcError:
     with pytest.raises(ModelyardRpcError) as caught:
         call(*args, **kwargs)
     return caught.value
