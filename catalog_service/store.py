@@ -246,11 +246,9 @@ class CatalogStore:
         self.clock: Clock = clock or utc_now
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._postgres = self.engine.dialect.name == "postgresql"
-        # PostgreSQL reads run in autocommit: one round trip, no BEGIN/ROLLBACK around a
-        # lookup (READ COMMITTED gives each statement its own snapshot either way).
-        self._read_engine = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgres else self.engine
-        )
+        # Reads run in autocommit: one round trip, no BEGIN/ROLLBACK around a lookup
+        # (each statement sees a consistent snapshot on its own, on both databases).
+        self._read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._cache = _ParsedCache(cache_size)
         self._worker_cache = _ParsedCache(1024 if cache_size else 0)
         self._get_model_stmt = select(ModelRow.etag, ModelRow.data).where(
