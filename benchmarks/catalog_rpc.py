@@ -54,7 +54,9 @@ def template() -> model_pb2.Model:
     llm.weight_format = model_pb2.WEIGHT_FORMAT_SAFETENSORS
     llm.dtype = "bfloat16"
     llm.parameter_count = 8_030_261_248
-    llm.tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" * 8
+    llm.tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" * 8
+    )
     for i in range(8):
         model.files.add(path=f"model-{i:05d}.safetensors", size_bytes=2_000_000_000, sha256="ab" * 32)
     return model
@@ -120,7 +122,9 @@ def main() -> int:
             asyncio.run(drive(server.address, "get", 1.0, args.concurrency, args.entries))  # warm the cache
             for round_no in range(1, args.rounds + 1):
                 for kind in rows:
-                    rate = asyncio.run(drive(server.address, kind, args.seconds, args.concurrency, args.entries))
+                    rate = asyncio.run(
+                        drive(server.address, kind, args.seconds, args.concurrency, args.entries)
+                    )
                     rows[kind].append(rate)
                 print(
                     f"round {round_no}: no-op {rows['noop'][-1]:8.0f}/s  GetModel {rows['get'][-1]:8.0f}/s  "
@@ -132,7 +136,9 @@ def main() -> int:
     get = statistics.median(rows["get"])
     listing = statistics.median(rows["list"])
     print(f"median: no-op {noop:.0f}/s, GetModel {get:.0f}/s, ListModels {listing:.0f} pages/s")
-    print(f"GetModel / no-op = {get / noop:.2f} (target >= 0.60); ListModels(100) / no-op = {listing / noop:.3f}")
+    print(
+        f"GetModel / no-op = {get / noop:.2f} (target >= 0.60); ListModels(100) / no-op = {listing / noop:.3f}"
+    )
     return 0
 
 

@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the servers",
         description="Run one service, or all three in one process (SQLite, ports 50051-50053).",
     )
-    serve.add_argument("service", choices=["catalog", "trainer", "inference", "all"])
+    serve.add_argument(
+        "service",
+        choices=["catalog", "trainer", "inference", "all"],
+        help="the service to run; all runs the three in one process",
+    )
     add_arguments(CommonSettings, serve)
     serve.set_defaults(func=_serve)
 

@@ -39,7 +39,9 @@ def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec
         caps.allows_remote_code = settings.allow_remote_code
         if settings.max_model_len:
             caps.max_context_length = settings.max_model_len
-        specs[name] = worker_pb2.EngineSpec(role=worker_pb2.WORKER_ROLE_INFERENCE, capabilities=caps, device=device)
+        specs[name] = worker_pb2.EngineSpec(
+            role=worker_pb2.WORKER_ROLE_INFERENCE, capabilities=caps, device=device
+        )
     return specs
 
 
@@ -57,10 +59,13 @@ def make_engine(settings: InferenceSettings, name: str, path: Path, max_model_le
             max_lora_rank=settings.max_lora_rank,
             max_loras=settings.max_loras,
             tensor_parallel_size=settings.tensor_parallel_size,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            trust_remote_code=settings.allow_remote_code,
         )
     from inference_service.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine(path, max_model_len=max_len)
+    return TransformersEngine(path, max_model_len=max_len, dtype=settings.dtype)
 
 
 class InferenceApp:

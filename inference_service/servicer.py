@@ -36,7 +36,8 @@ _SAMPLING_FIELDS = (
 
 def sampling_spec(params: pb.SamplingParams) -> SamplingSpec:
     """proto SamplingParams -> SamplingSpec (unset optional fields stay None)."""
-    values: dict[str, Any] = {name: getattr(params, name) for name in _SAMPLING_FIELDS if params.HasField(name)}
+    # ListFields gives the optional fields that are set (zero values included).
+    values: dict[str, Any] = {f.name: v for f, v in params.ListFields() if f.name in _SAMPLING_FIELDS}
     return SamplingSpec(stop=tuple(params.stop), stop_token_ids=tuple(params.stop_token_ids), **values)
 
 
@@ -120,7 +121,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def _generate_request(
         self, request: pb.GenerateRequest | pb.StreamGenerateRequest
     ) -> tuple[LoadedModel, EngineRequest]:
-        ids = list(request.prompt_token_ids.ids) if request.WhichOneof("input") == "prompt_token_ids" else None
+        ids = (
+            list(request.prompt_token_ids.ids) if request.WhichOneof("input") == "prompt_token_ids" else None
+        )
         return await self._prepare(
             request.model,
             request.adapter,
@@ -131,7 +134,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             prompt_token_ids=ids,
         )
 
-    async def _chat_request(self, request: pb.ChatRequest | pb.StreamChatRequest) -> tuple[LoadedModel, EngineRequest]:
+    async def _chat_request(
+        self, request: pb.ChatRequest | pb.StreamChatRequest
+    ) -> tuple[LoadedModel, EngineRequest]:
         loaded, _ = await self.manager.target(request.model, request.adapter)
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         template = request.chat_template if request.HasField("chat_template") else None
@@ -148,7 +153,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             add_special_tokens=False,
         )
 
-    async def Generate(self, request: pb.GenerateRequest, context: aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> pb.GenerateResponse:
         with self.manager.admit():
             loaded, engine_request = await self._generate_request(request)
             result = await collect(loaded.engine.generate(engine_request))
@@ -216,19 +223,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     usage=_usage(delta.usage) if delta.usage else None,
                 )
 
-    async def LoadModel(self, request: pb.LoadModelRequest, context: aio.ServicerContext) -> pb.LoadModelResponse:
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: aio.ServicerContext
+    ) -> pb.LoadModelResponse:
         max_len = request.max_model_len if request.HasField("max_model_len") else None
         loaded = await self.manager.load(request.model, max_model_len=max_len)
         return pb.LoadModelResponse(loaded_model=loaded_model_proto(loaded))
 
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context: aio.ServicerContext) -> pb.UnloadModelResponse:
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
         await self.manager.unload(request.model)
         return pb.UnloadModelResponse()
 
     async def ListLoadedModels(
         self, request: pb.ListLoadedModelsRequest, context: aio.ServicerContext
     ) -> pb.ListLoadedModelsResponse:
-        return pb.ListLoadedModelsResponse(loaded_models=[loaded_model_proto(m) for m in self.manager.loaded()])
+        return pb.ListLoadedModelsResponse(
+            loaded_models=[loaded_model_proto(m) for m in self.manager.loaded()]
+        )
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: aio.ServicerContext
@@ -237,5 +250,3 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         info.CopyFrom(self.server_info)
         info.loaded_models.extend(loaded_model_proto(m) for m in self.manager.loaded())
         return info
-
-

@@ -13,21 +13,31 @@ from server_kit.settings import setting
 class InferenceSettings(CommonSettings):
     """Settings of the inference service."""
 
-    listen: str = setting("[::]:50053", "MODELYARD_INFERENCE_LISTEN", "address the inference service listens on")
+    listen: str = setting(
+        "[::]:50053", "MODELYARD_INFERENCE_LISTEN", "address the inference service listens on"
+    )
     catalog_address: str = setting(
         "", "MODELYARD_CATALOG_ADDRESS", "catalog to register with and resolve models from (host:port)"
     )
     advertise_address: str = setting(
-        "", "MODELYARD_INFERENCE_ADVERTISE_ADDRESS", "address registered with the catalog; default localhost:PORT"
+        "",
+        "MODELYARD_INFERENCE_ADVERTISE_ADDRESS",
+        "address registered with the catalog; default localhost:PORT",
     )
     worker_id: str = setting(
-        "", "MODELYARD_INFERENCE_WORKER_ID", "worker id registered with the catalog; default inference-HOSTNAME-PORT"
+        "",
+        "MODELYARD_INFERENCE_WORKER_ID",
+        "worker id registered with the catalog; default inference-HOSTNAME-PORT",
     )
     engine: str = setting(
-        "auto", "MODELYARD_INFERENCE_ENGINE", "vllm, transformers, or auto (vllm, transformers when vllm cannot)"
+        "auto",
+        "MODELYARD_INFERENCE_ENGINE",
+        "vllm, transformers, or auto (vllm, transformers when vllm cannot)",
     )
     load_on_first_use: bool = setting(
-        True, "MODELYARD_INFERENCE_LOAD_ON_FIRST_USE", "load a model on its first request instead of NOT_FOUND"
+        True,
+        "MODELYARD_INFERENCE_LOAD_ON_FIRST_USE",
+        "load a model on its first request instead of NOT_FOUND",
     )
     max_concurrent_requests: int = setting(
         64, "MODELYARD_INFERENCE_MAX_CONCURRENT_REQUESTS", "requests at once before RESOURCE_EXHAUSTED"
@@ -35,12 +45,22 @@ class InferenceSettings(CommonSettings):
     kv_cache_memory_bytes: int = setting(
         512 * 1024 * 1024, "MODELYARD_INFERENCE_KV_CACHE_BYTES", "vLLM KV-cache memory per loaded model"
     )
-    max_model_len: int = setting(0, "MODELYARD_INFERENCE_MAX_MODEL_LEN", "cap on served context length (0: model's)")
+    max_model_len: int = setting(
+        0, "MODELYARD_INFERENCE_MAX_MODEL_LEN", "cap on served context length (0: model's)"
+    )
     max_num_seqs: int = setting(32, "MODELYARD_INFERENCE_MAX_NUM_SEQS", "vLLM sequences batched at once")
     max_lora_rank: int = setting(64, "MODELYARD_INFERENCE_MAX_LORA_RANK", "largest LoRA rank accepted")
     max_loras: int = setting(4, "MODELYARD_INFERENCE_MAX_LORAS", "LoRA adapters active in one batch")
     tensor_parallel_size: int = setting(
         1, "MODELYARD_INFERENCE_TENSOR_PARALLEL_SIZE", "vLLM tensor parallelism (GPUs per model)"
+    )
+    dtype: str = setting(
+        "auto", "MODELYARD_INFERENCE_DTYPE", "weights dtype: auto, float32, bfloat16, float16"
+    )
+    enforce_eager: bool = setting(
+        False,
+        "MODELYARD_INFERENCE_ENFORCE_EAGER",
+        "vLLM: skip graph compilation (starts faster, runs slower)",
     )
     allow_remote_code: bool = setting(
         False, "MODELYARD_INFERENCE_ALLOW_REMOTE_CODE", "allow models that need trust_remote_code"

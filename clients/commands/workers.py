@@ -1,0 +1,108 @@
+"""`modelyard workers ...` and `modelyard route MODEL`."""
+
+from __future__ import annotations
+
+import argparse
+
+from clients.catalog import model_name
+from clients.commands.common import CATALOG, HelpFormatter, Subparsers, catalog_client, options_parser
+from clients.commands.views import WORKER_HEADERS, route_text, worker_block, worker_rows
+from clients.output import print_json, table
+from clients.routing import role_label
+from modelyard.catalog.v1 import catalog_service_pb2 as pb
+from modelyard.catalog.v1 import worker_pb2
+
+ROLES = {
+    "inference": worker_pb2.WORKER_ROLE_INFERENCE,
+    "training": worker_pb2.WORKER_ROLE_TRAINING,
+    "any": worker_pb2.WORKER_ROLE_UNSPECIFIED,
+}
+
+
+def register(sub: Subparsers) -> None:
+    """Add `workers` and `route`."""
+    options = options_parser(CATALOG)
+    workers = sub.add_parser(
+        "workers",
+        help="list the workers registered with the catalog",
+        description="Inspect the inference and training workers registered with the catalog.",
+    )
+    commands = workers.add_subparsers(dest="workers_command", required=True, metavar="COMMAND")
+    lst = commands.add_parser(
+        "list",
+        parents=[options],
+        help="list workers",
+        formatter_class=HelpFormatter,
+        description="List workers with their role, engine, state, device memory and loaded models.",
+        epilog=(
+            "filter fields: role, engine, state.\n\n"
+            "examples:\n"
+            "  modelyard workers list\n"
+            '  modelyard workers list --filter \'role = "INFERENCE" AND state = "HEALTHY"\' --json'
+        ),
+    )
+    lst.add_argument("--filter", default="", help="AIP-160 filter")
+    lst.set_defaults(func=list_workers)
+
+    show = commands.add_parser(
+        "show", parents=[options], help="show one worker", description="Show a worker's full description."
+    )
+    show.add_argument("worker", metavar="WORKER", help="worker id or workers/ID")
+    show.set_defaults(func=show_worker)
+
+    route = sub.add_parser(
+        "route",
+        parents=[options],
+        help="which workers can run a model, and why not",
+        formatter_class=HelpFormatter,
+        description=(
+            "Ask the catalog which healthy workers can run MODEL (FindWorkers), best first\n"
+            "(model already loaded, then free memory, then load), and why every other worker\n"
+            "cannot: one line per compatibility rule with its outcome and message."
+        ),
+        epilog="examples:\n  modelyard route tiny-llama\n  modelyard route tiny-llama --role training --json",
+    )
+    route.add_argument("model", metavar="MODEL", help="model id or models/ID")
+    route.add_argument(
+        "--role",
+        choices=sorted(ROLES),
+        default="inference",
+        help="role the worker must have (default inference)",
+    )
+    route.set_defaults(func=route_model)
+
+
+def list_workers(args: argparse.Namespace) -> int:
+    """`workers list`."""
+    with catalog_client(args) as client:
+        workers = list(client.list_workers(filter=args.filter))
+    if args.json:
+        print_json(pb.ListWorkersResponse(workers=workers))
+    elif not workers:
+        print("no workers" + (f" match {args.filter}" if args.filter else " are registered"))
+    else:
+        print(table(WORKER_HEADERS, worker_rows(workers)))
+    return 0
+
+
+def show_worker(args: argparse.Namespace) -> int:
+    """`workers show`."""
+    with catalog_client(args) as client:
+        worker = client.get_worker(args.worker)
+    if args.json:
+        print_json(pb.GetWorkerResponse(worker=worker))
+    else:
+        print(worker_block(worker))
+    return 0
+
+
+def route_model(args: argparse.Namespace) -> int:
+    """`route`: the FindWorkers answer; exit 1 when no worker matches."""
+    role = ROLES[args.role]
+    with catalog_client(args) as client:
+        response = client.find_workers(args.model, role)
+    if args.json:
+        print_json(response)
+    else:
+        print(route_text(response, model_name(args.model), role_label(role)))
+    return 0 if response.matches else 1
