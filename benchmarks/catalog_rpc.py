@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -73,8 +74,8 @@ def fill(url: str, entries: int) -> None:
     print(f"filled {entries} entries in {time.perf_counter() - started:.1f} s")
 
 
-async def drive(address: str, kind: str, seconds: float, concurrency: int, entries: int) -> float:
-    """Calls per second of `kind` over `seconds` with `concurrency` callers."""
+async def drive(address: str, kind: str, seconds: float, concurrency: int, entries: int) -> tuple[float, int]:
+    """Calls per second of `kind` over `seconds` with `concurrency` callers, and the call count."""
     async with aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         catalog = catalog_service_pb2_grpc.CatalogServiceStub(channel)
@@ -96,7 +97,7 @@ async def drive(address: str, kind: str, seconds: float, concurrency: int, entri
 
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), count
 
 
 def main() -> int:
@@ -119,26 +120,34 @@ def main() -> int:
         try:
             server.wait_serving()
             rows: dict[str, list[float]] = {"noop": [], "get": [], "list": []}
+            # Server CPU time per call: less sensitive to the machine's other load than rates.
+            cpu: dict[str, list[float]] = {"noop": [], "get": [], "list": []}
+            proc = psutil.Process(server.proc.pid)
             asyncio.run(drive(server.address, "get", 1.0, args.concurrency, args.entries))  # warm the cache
             for round_no in range(1, args.rounds + 1):
                 for kind in rows:
-                    rate = asyncio.run(
+                    before = sum(proc.cpu_times()[:2])
+                    rate, calls = asyncio.run(
                         drive(server.address, kind, args.seconds, args.concurrency, args.entries)
                     )
+                    cpu[kind].append((sum(proc.cpu_times()[:2]) - before) / calls * 1e6)
                     rows[kind].append(rate)
                 print(
-                    f"round {round_no}: no-op {rows['noop'][-1]:8.0f}/s  GetModel {rows['get'][-1]:8.0f}/s  "
-                    f"ListModels(100) {rows['list'][-1]:6.0f}/s"
+                    f"round {round_no}: no-op {rows['noop'][-1]:6.0f}/s ({cpu['noop'][-1]:4.0f} us CPU)  "
+                    f"GetModel {rows['get'][-1]:6.0f}/s ({cpu['get'][-1]:4.0f} us)  "
+                    f"ListModels(100) {rows['list'][-1]:5.0f}/s ({cpu['list'][-1]:5.0f} us)"
                 )
         finally:
             server.stop()
     noop = statistics.median(rows["noop"])
     get = statistics.median(rows["get"])
     listing = statistics.median(rows["list"])
-    print(f"median: no-op {noop:.0f}/s, GetModel {get:.0f}/s, ListModels {listing:.0f} pages/s")
+    noop_cpu, get_cpu = statistics.median(cpu["noop"]), statistics.median(cpu["get"])
     print(
-        f"GetModel / no-op = {get / noop:.2f} (target >= 0.60); ListModels / no-op = {listing / noop:.3f}"
+        f"server CPU per call: no-op {noop_cpu:.0f} us, GetModel {get_cpu:.0f} us (ratio {noop_cpu / get_cpu:.2f})"
     )
+    print(f"median: no-op {noop:.0f}/s, GetModel {get:.0f}/s, ListModels {listing:.0f} pages/s")
+    print(f"GetModel / no-op = {get / noop:.2f} (target >= 0.60); ListModels / no-op = {listing / noop:.3f}")
     return 0
 
 

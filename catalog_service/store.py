@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import re
 import secrets
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -62,6 +63,7 @@ from server_kit.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from server_kit.filtering import Term, filter_error
 
@@ -173,6 +175,15 @@ class _ParsedCache:
         self.put(key, check, message)
         return message
 
+    def get(self, message_type: type[M], key: str, check: str) -> M | None:
+        """The cached message of `key` when it is at version `check`, else None."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or hit[0] != check:
+                return None
+            self._entries.move_to_end(key)
+        return message_type.FromString(hit[1])
+
     def put(self, key: str, check: str, message: Message) -> None:
         """Remember `message` as the parsed form of `key` at `check` (write-through)."""
         if self.maxsize <= 0:
@@ -189,6 +200,36 @@ class _ParsedCache:
         with self._lock:
             for key in keys:
                 self._entries.pop(key, None)
+
+
+class _SqliteLookups:
+    """Plain sqlite3 connections (one per thread) for the hottest read, GetModel.
+
+    SQLAlchemy's connection handling costs ~100 us per lookup, more than the
+    indexed lookup itself; this reads `etag` first and `data` only when the
+    parsed cache does not already hold that version.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=db.SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._local.conn = conn
+        return conn
+
+    def one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The first row of `sql`, or None; `Unavailable` when the database cannot be read."""
+        try:
+            row: tuple[Any, ...] | None = self._conn().execute(sql, params).fetchone()
+        except sqlite3.Error as error:
+            raise Unavailable(
+                f"the catalog database cannot be read: {error}", reason="DATABASE_UNAVAILABLE"
+            ) from error
+        return row
 
 
 def _enum_value(enum_type: Any, prefix: str, field: str, text: str) -> str:
@@ -255,6 +296,9 @@ class CatalogStore:
             ModelRow.model_id == bindparam("model_id")
         )
         self._get_worker_stmt = select(WorkerRow.data).where(WorkerRow.worker_id == bindparam("worker_id"))
+        database = self.engine.url.database or ""
+        file_backed = self._sqlite and database not in ("", ":memory:")
+        self._lookups = _SqliteLookups(database) if file_backed and cache_size else None
         if auto_migrate:
             db.migrate(self.engine)
 
@@ -345,9 +389,21 @@ class CatalogStore:
             raise self._parent_missing(entry.parent) from error
         return entry
 
+    @property
+    def local_reads(self) -> bool:
+        """True when `get_model` reads a local file in microseconds (SQLite), never a network."""
+        return self._lookups is not None
+
     def get_model(self, model_id: str) -> model_pb2.Model:
         """The model `models/{model_id}` (`model_id` may carry the `models/` prefix)."""
         model_id = model_id_of(model_id)
+        if self._lookups is not None:
+            found = self._lookups.one("SELECT etag FROM models WHERE model_id = ?", (model_id,))
+            if found is None:
+                raise self._model_not_found(model_id)
+            cached = self._cache.get(model_pb2.Model, model_id, found[0])
+            if cached is not None:
+                return cached
         with self._read() as conn:
             row = conn.execute(self._get_model_stmt, {"model_id": model_id}).first()
         if row is None:
