@@ -84,7 +84,11 @@ class InferenceApp:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.specs = await asyncio.to_thread(engine_specs, self.settings)
         if self.settings.catalog_address:
-            self.catalog = AsyncCatalogClient(self.settings.catalog_address)
+            self.catalog = AsyncCatalogClient(
+                self.settings.catalog_address,
+                token=self.settings.service_token or None,
+                tls=self.settings.client_tls(),
+            )
         self.manager = ModelManager(
             self.catalog,
             self.specs,
@@ -124,6 +128,8 @@ class InferenceApp:
             worker_id,
             lambda: self._describe(port),
             self._heartbeat,
+            token=self.settings.service_token or None,
+            tls=self.settings.client_tls(),
         )
         await self.registration.start()
 

@@ -6,7 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from server_kit import logs
+from clients.channel import TlsConfig
+from server_kit import logs, security
 from server_kit.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, ServiceApp, run
 from server_kit.settings import default_data_dir, setting
 
@@ -27,16 +28,62 @@ class CommonSettings:
     max_message_bytes: int = setting(
         DEFAULT_MAX_MESSAGE_BYTES, "MODELYARD_MAX_MESSAGE_BYTES", "largest gRPC message accepted or sent"
     )
+    # Security (docs/security.md): TLS of the server, tokens and roles, audit, own calls.
+    tls_cert: Path | None = setting(
+        None, "MODELYARD_TLS_CERT", "PEM certificate chain of the server; unset: plaintext"
+    )
+    tls_key: Path | None = setting(None, "MODELYARD_TLS_KEY", "PEM private key of the server certificate")
+    tls_client_ca: Path | None = setting(
+        None, "MODELYARD_TLS_CLIENT_CA", "require client certificates signed by this CA (mTLS)"
+    )
+    tokens_file: Path | None = setting(
+        None,
+        "MODELYARD_TOKENS_FILE",
+        "file of NAME:ROLE:TOKEN lines; unset with no MODELYARD_TOKENS: auth off",
+    )
+    tokens: str = setting(
+        "", "MODELYARD_TOKENS", "comma-separated NAME:ROLE:TOKEN entries (roles reader, worker, admin)"
+    )
+    audit_log: str = setting(
+        "",
+        "MODELYARD_AUDIT_LOG",
+        "audit log of mutating calls: a path, '-' (stdout) or off; default DATA_DIR/audit.log",
+    )
+    service_token: str = setting(
+        "", "MODELYARD_SERVICE_TOKEN", "bearer token this service sends when it calls another service"
+    )
+    ca_cert: Path | None = setting(
+        None, "MODELYARD_CA_CERT", "CA trusted when this service calls another over TLS"
+    )
+    client_cert: Path | None = setting(
+        None, "MODELYARD_CLIENT_CERT", "client certificate this service presents to mTLS servers"
+    )
+    client_key: Path | None = setting(None, "MODELYARD_CLIENT_KEY", "key of MODELYARD_CLIENT_CERT")
+
+    def client_tls(self) -> TlsConfig | None:
+        """TLS for this service's calls to other services (None: plaintext)."""
+        return security.client_tls(self.ca_cert, self.client_cert, self.client_key)
 
 
 def make_server(app: ServiceApp, listen: str, settings: CommonSettings) -> GrpcServer:
-    """A `GrpcServer` for `app` configured from the common settings."""
+    """A `GrpcServer` for `app` configured from the common settings (TLS, tokens, audit included)."""
+    guard = security.server_security(
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
+        tokens_file=settings.tokens_file,
+        tokens=settings.tokens,
+        audit_log=settings.audit_log,
+        data_dir=settings.data_dir,
+    )
     return GrpcServer(
         app,
         listen,
         grace_seconds=settings.grace_seconds,
         drain_seconds=settings.drain_seconds,
         max_message_bytes=settings.max_message_bytes,
+        credentials=guard.credentials,
+        interceptors=[guard.interceptor],
     )
 
 

@@ -5,7 +5,9 @@ address is configured. It registers the worker's description at start-up,
 heartbeats every TTL/3 with the current load, free memory and loaded models,
 re-registers when the catalog forgot the worker (a restarted catalog), keeps
 trying while the catalog is down (the worker goes on serving), and
-deregisters on shutdown.
+deregisters on shutdown. It calls the catalog with the service's own token
+(`MODELYARD_SERVICE_TOKEN`, role `worker`) and TLS settings; a catalog that
+refuses them is logged as an error naming the setting to fix.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable
 import grpc
 
 from clients.catalog import AsyncCatalogClient
+from clients.channel import TlsConfig
 from clients.errors import ModelyardRpcError
 from modelyard.catalog.v1 import catalog_service_pb2, worker_pb2
 
 log = logging.getLogger("modelyard.registration")
+
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class WorkerRegistration:
@@ -35,13 +40,14 @@ class WorkerRegistration:
         heartbeat: Callable[[], catalog_service_pb2.HeartbeatRequest],
         *,
         token: str | None = None,
+        tls: TlsConfig | None = None,
         retry_seconds: float = 2.0,
     ) -> None:
         self.catalog_address = catalog_address
         self.worker_id = worker_id
         self._describe = describe
         self._heartbeat = heartbeat
-        self._client = AsyncCatalogClient(catalog_address, timeout=5.0, token=token)
+        self._client = AsyncCatalogClient(catalog_address, timeout=5.0, token=token, tls=tls)
         self._retry_seconds = retry_seconds
         self._interval = 10.0
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +94,16 @@ class WorkerRegistration:
             except asyncio.CancelledError:
                 raise
             except ModelyardRpcError as error:
-                log.warning("catalog at %s: %s; retrying", self.catalog_address, error.code.name)
+                if error.code in _REFUSED:
+                    log.error(
+                        "the catalog at %s refuses %s: %s; set MODELYARD_SERVICE_TOKEN to a token with the "
+                        "worker role; retrying",
+                        self.catalog_address,
+                        self.name,
+                        error,
+                    )
+                else:
+                    log.warning("catalog at %s: %s; retrying", self.catalog_address, error.code.name)
                 await asyncio.sleep(self._retry_seconds)
 
     async def stop(self) -> None:

@@ -7,7 +7,9 @@ servicer to a server in `add_to_server()`, and releases everything in
 - `grpc.health.v1.Health`, reporting SERVING for the overall server and for
   each of the app's services once started;
 - server reflection for the app's services and health;
-- the error/request-id interceptor (plus any others, e.g. auth);
+- the error/request-id interceptor first, then any others (e.g. security), so
+  errors those raise are mapped too;
+- TLS when given credentials (a warning at start when plaintext);
 - bounded message sizes;
 - graceful shutdown: health NOT_SERVING first, then `server.stop(grace)`
   lets in-flight RPCs finish, then the app stops.
@@ -30,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server_kit.interceptors import ErrorInterceptor
+from server_kit.security import SecurityInterceptor
 
 log = logging.getLogger("modelyard.server")
 
@@ -76,7 +79,9 @@ class GrpcServer:
         self.grace_seconds = grace_seconds
         self.drain_seconds = drain_seconds
         self.health = health.aio.HealthServicer()
-        self._interceptors = [*interceptors, ErrorInterceptor()]
+        # The first interceptor wraps the others: the ErrorInterceptor goes first so that
+        # errors raised by later ones (auth: UNAUTHENTICATED, PERMISSION_DENIED) are mapped too.
+        self._interceptors = [ErrorInterceptor(), *interceptors]
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -110,7 +115,19 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.app.on_serving(self.port)
         log.info("serving %s on %s (port %d)", ", ".join(self.app.service_names), self.address, self.port)
+        self._log_security()
         return self.port
+
+    def _log_security(self) -> None:
+        if self._credentials is None:
+            log.warning(
+                "%s is PLAINTEXT: set MODELYARD_TLS_CERT and MODELYARD_TLS_KEY to serve TLS", self.address
+            )
+        else:
+            log.info("%s serves TLS", self.address)
+        for interceptor in self._interceptors:
+            if isinstance(interceptor, SecurityInterceptor):
+                interceptor.log_status(self.address)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully.

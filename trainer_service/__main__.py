@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from server_kit import settings as settings_mod
@@ -11,6 +12,9 @@ from trainer_service.settings import TrainerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The trainer reads models and datasets from local folders only: never reach the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     settings = settings_mod.parse(
         TrainerSettings, argv, "python -m trainer_service", "Run the Modelyard trainer service."
     )

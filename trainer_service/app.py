@@ -60,12 +60,17 @@ class TrainerApp:
         self.store = JobStore(url)
         self.spec = await asyncio.to_thread(engine_spec, settings)
         if settings.catalog_address:
-            self.catalog = AsyncCatalogClient(settings.catalog_address, token=settings.catalog_token or None)
+            self.catalog = AsyncCatalogClient(
+                settings.catalog_address,
+                token=settings.catalog_token or settings.service_token or None,
+                tls=settings.client_tls(),
+            )
         config = ManagerConfig(
             data_dir=settings.data_dir,
             worker_id=settings.resolved_worker_id(),
             engine_spec=self.spec,
             max_concurrent_jobs=settings.max_concurrent_jobs,
+            num_processes=settings.num_processes,
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_seconds,
             max_resumes=settings.max_resumes,
@@ -89,7 +94,8 @@ class TrainerApp:
             self.settings.resolved_worker_id(),
             lambda: self._describe(port),
             self._heartbeat,
-            token=self.settings.catalog_token or None,
+            token=self.settings.catalog_token or self.settings.service_token or None,
+            tls=self.settings.client_tls(),
         )
         await self.registration.start()
 

@@ -48,6 +48,12 @@ class TrainerSettings(CommonSettings):
     max_concurrent_jobs: int = setting(
         1, "MODELYARD_TRAINER_MAX_CONCURRENT_JOBS", "jobs this trainer runs at once"
     )
+    num_processes: int = setting(
+        1,
+        "MODELYARD_TRAINER_NUM_PROCESSES",
+        "processes that train one job together (DDP through torchrun): the GPUs per job; on a CPU, "
+        "ranks share the cores",
+    )
     lease_seconds: float = setting(
         60.0,
         "MODELYARD_TRAINER_LEASE_SECONDS",

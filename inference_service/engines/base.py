@@ -313,6 +313,12 @@ class Engine(abc.ABC):
         """Whether adapters can be added."""
         return True
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine died under the server (e.g. its process was killed): it
+        serves nothing more and must be replaced.  Not started or closed is not dead."""
+        return True
+
     def checked_prompt_token_ids(self, request: EngineRequest) -> list[int]:
         """The prompt's token ids, after validating ``request`` against this engine.
 

@@ -171,6 +171,11 @@ class VllmEngine(Engine):
         """Largest adapter rank `add_adapter` accepts."""
         return self._max_lora_rank
 
+    @property
+    def alive(self) -> bool:
+        """False once vLLM's EngineCore died (its process exited or failed)."""
+        return self._llm is None or not self._llm.errored
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -835,6 +835,208 @@ class StreamChatResponse(_message.Message):
 Global___StreamChatResponse: _TypeAlias = StreamChatResponse  # noqa: Y015
 
 @_typing.final
+class GenerateImageRequest(_message.Message):
+    """Request of GenerateImage. Unset fields take the defaults of the model's
+    `ImageConfig` in the catalog, else the pipeline's own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ADAPTER_SCALE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    CFG_SCALE_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    CLIP_SKIP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The image model (a full checkpoint), `models/{model}`."""
+    adapter: _builtins.str
+    """An image LoRA to apply, `models/{model}`; empty for none. Its base model
+    family must be the model's (an SDXL LoRA does not apply to SD 1.5).
+    """
+    adapter_scale: _builtins.float
+    """Strength of the LoRA (default 1.0)."""
+    prompt: _builtins.str
+    """What the image shows."""
+    negative_prompt: _builtins.str
+    """What the image should not show."""
+    steps: _builtins.int
+    """Denoising steps, in [1, 500]."""
+    cfg_scale: _builtins.float
+    """Classifier-free guidance scale, in [0, 100]; <= 1 disables guidance."""
+    sampler: _builtins.str
+    """Sampler: a diffusers scheduler class compatible with the pipeline, e.g.
+    `EulerDiscreteScheduler`, `DPMSolverMultistepScheduler`; empty for the
+    model's default.
+    """
+    seed: _builtins.int
+    """Seed of the initial noise; the same seed and parameters give the same
+    image. A random seed is chosen (and returned) when unset.
+    """
+    width: _builtins.int
+    """Width in pixels, a multiple of the VAE scale factor (8)."""
+    height: _builtins.int
+    """Height in pixels, a multiple of the VAE scale factor (8)."""
+    clip_skip: _builtins.int
+    """CLIP skip as image tools count it: 1 uses the last text-encoder layer,
+    2 the one before it, ...
+    """
+    request_id: _builtins.str
+    """Caller's request id, echoed; generated when empty."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        adapter_scale: _builtins.float | None = ...,
+        prompt: _builtins.str = ...,
+        negative_prompt: _builtins.str = ...,
+        steps: _builtins.int | None = ...,
+        cfg_scale: _builtins.float | None = ...,
+        sampler: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        width: _builtins.int | None = ...,
+        height: _builtins.int | None = ...,
+        clip_skip: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adapter_scale", b"_adapter_scale", "_cfg_scale", b"_cfg_scale", "_clip_skip", b"_clip_skip", "_height", b"_height", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "adapter_scale", b"adapter_scale", "cfg_scale", b"cfg_scale", "clip_skip", b"clip_skip", "height", b"height", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adapter_scale", b"_adapter_scale", "_cfg_scale", b"_cfg_scale", "_clip_skip", b"_clip_skip", "_height", b"_height", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "adapter", b"adapter", "adapter_scale", b"adapter_scale", "cfg_scale", b"cfg_scale", "clip_skip", b"clip_skip", "height", b"height", "model", b"model", "negative_prompt", b"negative_prompt", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__adapter_scale: _TypeAlias = _typing.Literal["adapter_scale"]  # noqa: Y015
+    _WhichOneofArgType__adapter_scale: _TypeAlias = _typing.Literal["_adapter_scale", b"_adapter_scale"]  # noqa: Y015
+    _WhichOneofReturnType__cfg_scale: _TypeAlias = _typing.Literal["cfg_scale"]  # noqa: Y015
+    _WhichOneofArgType__cfg_scale: _TypeAlias = _typing.Literal["_cfg_scale", b"_cfg_scale"]  # noqa: Y015
+    _WhichOneofReturnType__clip_skip: _TypeAlias = _typing.Literal["clip_skip"]  # noqa: Y015
+    _WhichOneofArgType__clip_skip: _TypeAlias = _typing.Literal["_clip_skip", b"_clip_skip"]  # noqa: Y015
+    _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
+    _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
+    _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adapter_scale) -> _WhichOneofReturnType__adapter_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cfg_scale) -> _WhichOneofReturnType__cfg_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_skip) -> _WhichOneofReturnType__clip_skip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
+
+Global___GenerateImageRequest: _TypeAlias = GenerateImageRequest  # noqa: Y015
+
+@_typing.final
+class ImageParameters(_message.Message):
+    """The parameters an image was generated with (defaults filled in)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ADAPTER_SCALE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    CFG_SCALE_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    CLIP_SKIP_FIELD_NUMBER: _builtins.int
+    adapter: _builtins.str
+    """LoRA applied, `models/{model}`; empty for none."""
+    adapter_scale: _builtins.float
+    """Strength of the LoRA (0 when none)."""
+    steps: _builtins.int
+    """Denoising steps."""
+    cfg_scale: _builtins.float
+    """Classifier-free guidance scale."""
+    sampler: _builtins.str
+    """Scheduler class."""
+    seed: _builtins.int
+    """Seed of the initial noise."""
+    width: _builtins.int
+    """Width in pixels."""
+    height: _builtins.int
+    """Height in pixels."""
+    clip_skip: _builtins.int
+    """CLIP skip (1: the last text-encoder layer)."""
+    def __init__(
+        self,
+        *,
+        adapter: _builtins.str = ...,
+        adapter_scale: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        cfg_scale: _builtins.float = ...,
+        sampler: _builtins.str = ...,
+        seed: _builtins.int = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        clip_skip: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_scale", b"adapter_scale", "cfg_scale", b"cfg_scale", "clip_skip", b"clip_skip", "height", b"height", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageParameters: _TypeAlias = ImageParameters  # noqa: Y015
+
+@_typing.final
+class GenerateImageResponse(_message.Message):
+    """Response of GenerateImage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id."""
+    model: _builtins.str
+    """The model that answered."""
+    image: _builtins.bytes
+    """The image, PNG encoded (with the parameters in a `parameters` text chunk)."""
+    mime_type: _builtins.str
+    """Media type of `image`: `image/png`."""
+    @_builtins.property
+    def parameters(self) -> Global___ImageParameters:
+        """The parameters used."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        mime_type: _builtins.str = ...,
+        parameters: Global___ImageParameters | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "mime_type", b"mime_type", "model", b"model", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateImageResponse: _TypeAlias = GenerateImageResponse  # noqa: Y015
+
+@_typing.final
 class LoadedModel(_message.Message):
     """A model loaded on this server."""
 
@@ -853,7 +1055,7 @@ class LoadedModel(_message.Message):
     state: Global___LoadedModelState.ValueType
     """State."""
     max_model_len: _builtins.int
-    """Context length the engine serves."""
+    """Context length the engine serves (0 for image models)."""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """LoRA adapters loaded on it, `models/{model}` each."""

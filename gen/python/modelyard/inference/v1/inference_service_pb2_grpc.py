@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """Text generation on loaded catalog models (vLLM, or transformers).
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
     """
 
     def __init__(self, channel):
@@ -55,6 +57,11 @@ class InferenceServiceStub:
                 request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.SerializeToString,
                 response_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.FromString,
                 _registered_method=True)
+        self.GenerateImage = channel.unary_unary(
+                '/modelyard.inference.v1.InferenceService/GenerateImage',
+                request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/modelyard.inference.v1.InferenceService/LoadModel',
                 request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.LoadModelRequest.SerializeToString,
@@ -78,7 +85,9 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """Text generation on loaded catalog models (vLLM, or transformers).
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
     """
 
     def Generate(self, request, context):
@@ -104,6 +113,14 @@ class InferenceServiceServicer:
 
     def StreamChat(self, request, context):
         """Answers a conversation, streaming content deltas as produced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateImage(self, request, context):
+        """Generates one image from a prompt with an image model (diffusers engine),
+        returning PNG bytes and the parameters used.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +177,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.FromString,
                     response_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.SerializeToString,
             ),
+            'GenerateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageRequest.FromString,
+                    response_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageResponse.SerializeToString,
+            ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
                     request_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.LoadModelRequest.FromString,
@@ -189,7 +211,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """Text generation on loaded catalog models (vLLM, or transformers).
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
     """
 
     @staticmethod
@@ -290,6 +314,33 @@ class InferenceService:
             '/modelyard.inference.v1.InferenceService/StreamChat',
             modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.SerializeToString,
             modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.inference.v1.InferenceService/GenerateImage',
+            modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageRequest.SerializeToString,
+            modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

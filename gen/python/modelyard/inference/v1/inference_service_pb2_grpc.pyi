@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """Text generation on loaded catalog models (vLLM, or transformers)."""
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -41,6 +44,10 @@ class InferenceServiceStub:
     """Answers a conversation rendered with the model's chat template."""
     StreamChat: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.StreamChatRequest, _inference_service_pb2.StreamChatResponse]
     """Answers a conversation, streaming content deltas as produced."""
+    GenerateImage: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]
+    """Generates one image from a prompt with an image model (diffusers engine),
+    returning PNG bytes and the parameters used.
+    """
     LoadModel: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.LoadModelRequest, _inference_service_pb2.LoadModelResponse]
     """Loads a catalog model, or hot-loads a LoRA adapter onto its loaded base."""
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.UnloadModelRequest, _inference_service_pb2.UnloadModelResponse]
@@ -52,7 +59,10 @@ class InferenceServiceStub:
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """Text generation on loaded catalog models (vLLM, or transformers)."""
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateRequest, _inference_service_pb2.GenerateResponse]  # type: ignore[assignment]
@@ -63,6 +73,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Answers a conversation rendered with the model's chat template."""
     StreamChat: _aio.UnaryStreamMultiCallable[_inference_service_pb2.StreamChatRequest, _inference_service_pb2.StreamChatResponse]  # type: ignore[assignment]
     """Answers a conversation, streaming content deltas as produced."""
+    GenerateImage: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]  # type: ignore[assignment]
+    """Generates one image from a prompt with an image model (diffusers engine),
+    returning PNG bytes and the parameters used.
+    """
     LoadModel: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.LoadModelRequest, _inference_service_pb2.LoadModelResponse]  # type: ignore[assignment]
     """Loads a catalog model, or hot-loads a LoRA adapter onto its loaded base."""
     UnloadModel: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.UnloadModelRequest, _inference_service_pb2.UnloadModelResponse]  # type: ignore[assignment]
@@ -73,7 +87,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Describes the server: engine, version, device and capabilities."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Text generation on loaded catalog models (vLLM, or transformers)."""
+    """Generation on loaded catalog models: text (vLLM, or transformers) and
+    images (diffusers). A server runs one engine; image models are served by
+    servers whose engine is `diffusers`.
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -106,6 +123,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamChatResponse], _abc.AsyncIterator[_inference_service_pb2.StreamChatResponse]]:
         """Answers a conversation, streaming content deltas as produced."""
+
+    @_abc_1.abstractmethod
+    def GenerateImage(
+        self,
+        request: _inference_service_pb2.GenerateImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.GenerateImageResponse, _abc.Awaitable[_inference_service_pb2.GenerateImageResponse]]:
+        """Generates one image from a prompt with an image model (diffusers engine),
+        returning PNG bytes and the parameters used.
+        """
 
     @_abc_1.abstractmethod
     def LoadModel(
