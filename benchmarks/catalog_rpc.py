@@ -143,9 +143,8 @@ def main() -> int:
     get = statistics.median(rows["get"])
     listing = statistics.median(rows["list"])
     noop_cpu, get_cpu = statistics.median(cpu["noop"]), statistics.median(cpu["get"])
-    print(
-        f"server CPU per call: no-op {noop_cpu:.0f} us, GetModel {get_cpu:.0f} us (ratio {noop_cpu / get_cpu:.2f})"
-    )
+    ratio = noop_cpu / get_cpu
+    print(f"server CPU per call: no-op {noop_cpu:.0f} us, GetModel {get_cpu:.0f} us (ratio {ratio:.2f})")
     print(f"median: no-op {noop:.0f}/s, GetModel {get:.0f}/s, ListModels {listing:.0f} pages/s")
     print(f"GetModel / no-op = {get / noop:.2f} (target >= 0.60); ListModels / no-op = {listing / noop:.3f}")
     return 0
