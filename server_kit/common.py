@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.channel import TlsConfig
-from server_kit import logs, security
+from server_kit import logs, security, tracing
 from server_kit.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, ServiceApp, run
 from server_kit.settings import default_data_dir, setting
 
@@ -27,6 +27,12 @@ class CommonSettings:
     )
     max_message_bytes: int = setting(
         DEFAULT_MAX_MESSAGE_BYTES, "MODELYARD_MAX_MESSAGE_BYTES", "largest gRPC message accepted or sent"
+    )
+    # Observability (docs/observability.md); each service has its own metrics port setting.
+    otel_exporter: str = setting(
+        "none",
+        "MODELYARD_OTEL_EXPORTER",
+        "trace exporter: none, console or otlp (configured by the standard OTEL_* variables)",
     )
     # Security (docs/security.md): TLS of the server, tokens and roles, audit, own calls.
     tls_cert: Path | None = setting(
@@ -65,8 +71,17 @@ class CommonSettings:
         return security.client_tls(self.ca_cert, self.client_cert, self.client_key)
 
 
-def make_server(app: ServiceApp, listen: str, settings: CommonSettings) -> GrpcServer:
-    """A `GrpcServer` for `app` configured from the common settings (TLS, tokens, audit included)."""
+def make_server(
+    app: ServiceApp, listen: str, settings: CommonSettings, *, metrics_port: int | None = None
+) -> GrpcServer:
+    """A `GrpcServer` for `app` configured from the common settings (TLS, tokens, audit included).
+
+    Prometheus metrics are served on `metrics_port` (default: the service settings'
+    `metrics_port`; 0: off), on the host of `listen`.
+    """
+    if metrics_port is None:
+        metrics_port = int(getattr(settings, "metrics_port", 0))
+    metrics_listen = f"{listen.rsplit(':', 1)[0]}:{metrics_port}" if metrics_port > 0 else None
     guard = security.server_security(
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
@@ -84,10 +99,13 @@ def make_server(app: ServiceApp, listen: str, settings: CommonSettings) -> GrpcS
         max_message_bytes=settings.max_message_bytes,
         credentials=guard.credentials,
         interceptors=[guard.interceptor],
+        metrics_listen=metrics_listen,
     )
 
 
 def serve_forever(servers: list[GrpcServer], settings: CommonSettings) -> None:
-    """Configure logging and run `servers` until SIGTERM/SIGINT."""
+    """Configure logging and tracing, and run `servers` until SIGTERM/SIGINT."""
     logs.configure(settings.log_level, settings.log_format)
+    names = [name for server in servers for name in server.app.service_names]
+    tracing.configure(settings.otel_exporter, tracing.service_name_of(names))
     asyncio.run(run(servers))

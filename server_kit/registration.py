@@ -60,8 +60,10 @@ class WorkerRegistration:
 
     async def start(self) -> None:
         """Try to register once now, then keep registered in the background."""
-        with contextlib.suppress(ModelyardRpcError):
+        try:
             await self._register()
+        except ModelyardRpcError as error:
+            self._log_failure(error)
         self._task = asyncio.create_task(self._loop(), name=f"registration-{self.worker_id}")
 
     async def _register(self) -> None:
@@ -82,6 +84,7 @@ class WorkerRegistration:
                 raise
             self.registered.clear()
             await self._register()
+            await self._client.heartbeat(request)  # its load and loaded models, without waiting a beat
 
     async def _loop(self) -> None:
         while True:
@@ -94,17 +97,20 @@ class WorkerRegistration:
             except asyncio.CancelledError:
                 raise
             except ModelyardRpcError as error:
-                if error.code in _REFUSED:
-                    log.error(
-                        "the catalog at %s refuses %s: %s; set MODELYARD_SERVICE_TOKEN to a token with the "
-                        "worker role; retrying",
-                        self.catalog_address,
-                        self.name,
-                        error,
-                    )
-                else:
-                    log.warning("catalog at %s: %s; retrying", self.catalog_address, error.code.name)
+                self._log_failure(error)
                 await asyncio.sleep(self._retry_seconds)
+
+    def _log_failure(self, error: ModelyardRpcError) -> None:
+        if error.code in _REFUSED:
+            log.error(
+                "the catalog at %s refuses %s: %s; set MODELYARD_SERVICE_TOKEN to a token with the "
+                "worker role; retrying",
+                self.catalog_address,
+                self.name,
+                error,
+            )
+        else:
+            log.warning("catalog at %s: %s; retrying", self.catalog_address, error.code.name)
 
     async def stop(self) -> None:
         """Stop heartbeating and deregister (best effort)."""

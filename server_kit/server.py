@@ -11,6 +11,8 @@ servicer to a server in `add_to_server()`, and releases everything in
   errors those raise are mapped too;
 - TLS when given credentials (a warning at start when plaintext);
 - bounded message sizes;
+- Prometheus metrics on their own HTTP port, and tracing when configured
+  (`server_kit.metrics`, `server_kit.tracing`);
 - graceful shutdown: health NOT_SERVING first, then `server.stop(grace)`
   lets in-flight RPCs finish, then the app stops.
 
@@ -31,7 +33,9 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server_kit import errors, tracing
 from server_kit.interceptors import ErrorInterceptor
+from server_kit.metrics import ServerMetrics
 from server_kit.security import SecurityInterceptor
 
 log = logging.getLogger("modelyard.server")
@@ -40,7 +44,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class ServiceApp(Protocol):
-    """What a service gives the kit."""
+    """What a service gives the kit.
+
+    An app may also define `use_health(servicer)`: it is given the server's health
+    servicer before the server starts, to report its own health later; and
+    `metrics_collectors()`: Prometheus collectors added to the server's registry
+    when metrics are on (`server_kit.metrics`).
+    """
 
     @property
     def service_names(self) -> Sequence[str]:
@@ -73,6 +83,7 @@ class GrpcServer:
         credentials: grpc.ServerCredentials | None = None,
         max_concurrent_rpcs: int | None = None,
         drain_seconds: float = 0.0,
+        metrics_listen: str | None = None,
     ) -> None:
         self.app = app
         self.address = address
@@ -92,17 +103,26 @@ class GrpcServer:
         self._credentials = credentials
         self.port = 0
         self._stopped = asyncio.Event()
+        # Prometheus metrics on `metrics_listen` (`host:port`, port 0: any free port); None: off.
+        self.metrics = ServerMetrics(metrics_listen) if metrics_listen else None
 
     async def start(self) -> int:
         """Start the app, bind, serve; returns the bound port (useful with port 0)."""
         # The aio server binds to the running loop, so it is made here.
+        # Tracing and metrics wrap all others: they see the status code the client gets.
+        observers = [*tracing.server_interceptors(), *([self.metrics.interceptor] if self.metrics else [])]
         self._server = aio.server(
-            interceptors=self._interceptors,
+            interceptors=[*observers, *self._interceptors],
             options=self._options,
             maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
         await self.app.start()
         self.app.add_to_server(self._server)
+        if self.metrics is not None:
+            self.metrics.add_app(self.app)
+        use_health = getattr(self.app, "use_health", None)
+        if use_health is not None:  # optional: apps that report their own health (a dead engine)
+            use_health(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._server)
@@ -111,6 +131,8 @@ class GrpcServer:
         else:
             self.port = self._server.add_insecure_port(self.address)
         await self._server.start()
+        if self.metrics is not None:
+            self.metrics.start()
         for name in ["", *self.app.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.app.on_serving(self.port)
@@ -146,6 +168,8 @@ class GrpcServer:
         log.info("draining %s for up to %.1f s", ", ".join(self.app.service_names), grace)
         await self._server.stop(grace)
         await self.app.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped %s", ", ".join(self.app.service_names))
 
     @property
@@ -171,7 +195,12 @@ async def run(servers: Sequence[GrpcServer]) -> None:
     started: list[GrpcServer] = []
     try:
         for server in servers:
-            await server.start()
+            try:
+                await server.start()
+            except errors.ModelyardError as error:  # a dependency is down or a setting is wrong
+                names = ", ".join(server.app.service_names)
+                log.error("cannot start %s: %s [%s] %s", names, error.message, error.reason, error.metadata)
+                raise SystemExit(1) from None
             started.append(server)
         await stop.wait()
         log.info("shutdown requested")

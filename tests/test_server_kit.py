@@ -32,7 +32,7 @@ def test_server_lists_describes_and_reports_health(
     server = ServerProcess(
         module,
         ["--data-dir", str(tmp_path)],
-        env={"MODELYARD_DRAIN_SECONDS": "2", "MODELYARD_INFERENCE_ENGINE": "none"},
+        env={"MODELYARD_DRAIN_SECONDS": "2"},
         log_path=tmp_path / "server.log",
     )
     try:
