@@ -177,11 +177,38 @@ class _Requests:
         return request
 
     @staticmethod
+    def image(
+        model: str, prompt: str, *, adapter: str | None, options: Mapping[str, Any]
+    ) -> pb.GenerateImageRequest:
+        request = pb.GenerateImageRequest(model=model_name(model), prompt=prompt)
+        if adapter:
+            request.adapter = model_name(adapter)
+        for key, value in options.items():
+            if value is not None:
+                setattr(request, key, value)
+        return request
+
+    @staticmethod
     def load(model: str, max_model_len: int | None) -> pb.LoadModelRequest:
         request = pb.LoadModelRequest(model=model_name(model))
         if max_model_len is not None:
             request.max_model_len = max_model_len
         return request
+
+
+class ImageOptions(TypedDict, total=False):
+    """Keyword arguments that set `GenerateImageRequest` fields; `None` leaves a field unset."""
+
+    negative_prompt: str | None
+    adapter_scale: float | None
+    steps: int | None
+    cfg_scale: float | None
+    sampler: str | None
+    seed: int | None
+    width: int | None
+    height: int | None
+    clip_skip: int | None
+    request_id: str | None
 
 
 class InferenceClient(SyncClient):
@@ -320,6 +347,23 @@ class InferenceClient(SyncClient):
             chat_template=chat_template, request_id=request_id, options=options,
         )  # fmt: skip
         return self.stream("StreamChat", request, timeout=timeout)
+
+    def generate_image(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        adapter: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[ImageOptions],
+    ) -> pb.GenerateImageResponse:
+        """Generate one image (PNG bytes in `.image`, the parameters used in `.parameters`).
+
+        `adapter` is an image LoRA (catalog id) of the model's base family; unset options take
+        the defaults of the model's `ImageConfig`, else the pipeline's.
+        """
+        request = _Requests.image(model, prompt, adapter=adapter, options=options)
+        return self.call("GenerateImage", request, timeout=timeout)
 
     def load_model(
         self, model: str, *, max_model_len: int | None = None, timeout: float | None = LOAD_TIMEOUT
@@ -463,6 +507,19 @@ class AsyncInferenceClient(AsyncClient):
             chat_template=chat_template, request_id=request_id, options=options,
         )  # fmt: skip
         return self.stream("StreamChat", request, timeout=timeout)
+
+    async def generate_image(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        adapter: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[ImageOptions],
+    ) -> pb.GenerateImageResponse:
+        """Generate one image (see `InferenceClient.generate_image`)."""
+        request = _Requests.image(model, prompt, adapter=adapter, options=options)
+        return await self.call("GenerateImage", request, timeout=timeout)
 
     async def load_model(
         self, model: str, *, max_model_len: int | None = None, timeout: float | None = LOAD_TIMEOUT

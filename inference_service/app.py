@@ -7,14 +7,23 @@ import logging
 from pathlib import Path
 
 from grpc import aio
+from grpc_health.v1 import health, health_pb2
+from prometheus_client.registry import Collector
 
 import server_kit
 from clients.catalog import AsyncCatalogClient
 from inference_service.engines.base import Engine
-from inference_service.models import ModelManager
+from inference_service.engines.diffusers_engine import (
+    BaseModel,
+    DiffusersEngine,
+    parse_single_file_configs,
+    single_file_config,
+)
+from inference_service.metrics import InferenceMetrics
+from inference_service.models import ModelManager, image_defaults_of
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
-from modelyard.catalog.v1 import catalog_service_pb2, worker_pb2
+from modelyard.catalog.v1 import catalog_service_pb2, model_pb2, worker_pb2
 from modelyard.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from server_kit import capabilities
 from server_kit.registration import WorkerRegistration
@@ -34,8 +43,10 @@ def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec
             caps = capabilities.vllm_capabilities(max_lora_rank=settings.max_lora_rank)
         elif name == "transformers":
             caps = capabilities.transformers_capabilities()
+        elif name == "diffusers":
+            caps = capabilities.diffusers_capabilities(max_lora_rank=settings.max_lora_rank)
         else:
-            raise ValueError(f"unknown engine {name!r}: use vllm, transformers or auto")
+            raise ValueError(f"unknown engine {name!r}: use vllm, transformers, auto or diffusers")
         caps.allows_remote_code = settings.allow_remote_code
         if settings.max_model_len:
             caps.max_context_length = settings.max_model_len
@@ -68,6 +79,24 @@ def make_engine(settings: InferenceSettings, name: str, path: Path, max_model_le
     return TransformersEngine(path, max_model_len=max_len, dtype=settings.dtype)
 
 
+def make_image_engine(
+    settings: InferenceSettings, configs: dict[BaseModel, Path], model: model_pb2.Model
+) -> DiffusersEngine:
+    """A new diffusers engine for the image model `model` (a folder, or a single file loaded
+    with the local config folder of its base model from `configs`)."""
+    path = Path(model.local_path)
+    config = None if path.is_dir() else single_file_config(configs, model.image.base_model, model.name)
+    return DiffusersEngine(
+        path,
+        pipeline_class=model.image.pipeline_class,
+        single_file_config=config,
+        defaults=image_defaults_of(model),
+        dtype=settings.dtype,
+        threads=settings.diffusers_threads,
+        model_name=model.name,
+    )
+
+
 class InferenceApp:
     """Serves `modelyard.inference.v1.InferenceService`."""
 
@@ -79,10 +108,14 @@ class InferenceApp:
         self.manager: ModelManager | None = None
         self.registration: WorkerRegistration | None = None
         self.specs: dict[str, worker_pb2.EngineSpec] = {}
+        self.metrics = InferenceMetrics()
+        self._health: health.aio.HealthServicer | None = None
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.specs = await asyncio.to_thread(engine_specs, self.settings)
+        configs = parse_single_file_configs(self.settings.diffusers_configs)
         if self.settings.catalog_address:
             self.catalog = AsyncCatalogClient(
                 self.settings.catalog_address,
@@ -96,6 +129,7 @@ class InferenceApp:
             preferred_engine=self.settings.engine,
             max_concurrent_requests=self.settings.max_concurrent_requests,
             load_on_first_use=self.settings.load_on_first_use,
+            image_engine_factory=lambda model: make_image_engine(self.settings, configs, model),
         )
 
     @property
@@ -115,10 +149,28 @@ class InferenceApp:
 
     def add_to_server(self, server: aio.Server) -> None:
         assert self.manager is not None, "start() first"
-        self.servicer = InferenceServicer(self.manager, self.server_info())
+        self.servicer = InferenceServicer(self.manager, self.server_info(), self.metrics)
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
 
+    def metrics_collectors(self) -> list[Collector]:
+        """Tokens, time to first token, queues and KV cache (`inference_service.metrics`)."""
+        return self.metrics.collectors(lambda: self.manager)
+
+    def use_health(self, servicer: health.aio.HealthServicer) -> None:
+        """The server's health servicer: NOT_SERVING while a dead engine's model is reloaded."""
+        self._health = servicer
+
+    async def _report_health(self, healthy: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if self._health is not None:
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, status)
+
     async def on_serving(self, port: int) -> None:
+        assert self.manager is not None
+        self._supervisor = asyncio.create_task(self.manager.supervise(self._report_health), name="engines")
         worker_id = self.settings.resolved_worker_id(port)
         self.servicer.server_info.worker_id = worker_id
         if not self.settings.catalog_address:
@@ -151,12 +203,16 @@ class InferenceApp:
         )
         for loaded in self.manager.loaded():
             request.loaded_models.add(model=loaded.model.name, adapters=list(loaded.adapters))
+        for image in self.manager.loaded_images():
+            request.loaded_models.add(model=image.model.name, adapters=list(image.adapters))
         free = capabilities.free_memory_bytes()
         if free is not None:
             request.free_memory_bytes = free
         return request
 
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self.registration is not None:
             await self.registration.stop()
         if self.manager is not None:

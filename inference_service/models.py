@@ -9,6 +9,15 @@ load (FAILED_PRECONDITION with every failing rule's message otherwise).
 
 Admission: at most `max_concurrent_requests` requests run at once; one more
 gets RESOURCE_EXHAUSTED at once rather than queueing without bound.
+
+Engine failures (docs/reliability.md): `supervise` checks every engine twice a
+second. An engine that died (vLLM's EngineCore process killed, say) is dropped:
+its model is FAILED, the server's health turns NOT_SERVING, requests for it get
+UNAVAILABLE (`ENGINE_FAILED`) at once, and it is reloaded in the background with
+the same adapters and without asking the catalog (which may be down too). Once
+every model serves again, health is SERVING. After `RELOAD_ATTEMPTS` failed
+reloads the model stays FAILED (and health NOT_SERVING, so an orchestrator
+restarts the process); `LoadModel` retries, `UnloadModel` gives it up.
 """
 
 from __future__ import annotations
@@ -17,13 +26,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.catalog import AsyncCatalogClient, model_name
 from clients.errors import ModelyardRpcError
 from inference_service.engines.base import Engine
+from inference_service.engines.image_base import ImageDefaults, ImageEngine
 from inference_service.sampling import GenerationDefaults
 from modelyard.catalog.v1 import model_pb2, worker_pb2
 from server_kit import errors
@@ -32,6 +42,16 @@ log = logging.getLogger("modelyard.inference")
 
 EngineFactory = Callable[[str, Path, int | None], Engine]
 """(engine name, model folder, max_model_len or None) -> a new, unstarted engine."""
+
+ImageEngineFactory = Callable[[model_pb2.Model], ImageEngine]
+"""(catalog entry of a full image checkpoint) -> a new, unstarted image engine."""
+
+ENGINE_CHECK_SECONDS = 0.5
+"""How often `supervise` looks for dead engines."""
+RELOAD_ATTEMPTS = 3
+"""Reloads of a model whose engine died before it stays FAILED."""
+RELOAD_BACKOFF_SECONDS = 2.0
+"""Wait after the first failed reload; doubles after each."""
 
 
 @dataclass
@@ -43,6 +63,17 @@ class LoadedModel:
     defaults: GenerationDefaults
     load_time: float = field(default_factory=time.time)
     adapters: dict[str, model_pb2.Model] = field(default_factory=dict)
+    max_model_len: int | None = None
+    """The context cap it was loaded with (None: the model's)."""
+
+
+@dataclass
+class FailedModel:
+    """A model whose engine died: what it served, why, and whether a reload is under way."""
+
+    loaded: LoadedModel
+    message: str
+    reloading: bool = True
 
 
 def _defaults_of(model: model_pb2.Model) -> GenerationDefaults:
@@ -50,6 +81,46 @@ def _defaults_of(model: model_pb2.Model) -> GenerationDefaults:
     return GenerationDefaults(
         temperature=llm.default_temperature if llm.HasField("default_temperature") else None,
         top_p=llm.default_top_p if llm.HasField("default_top_p") else None,
+    )
+
+
+@dataclass
+class LoadedImageModel:
+    """An image model served by one image engine, with the image LoRAs added to it."""
+
+    model: model_pb2.Model
+    engine: ImageEngine
+    load_time: float = field(default_factory=time.time)
+    adapters: dict[str, model_pb2.Model] = field(default_factory=dict)
+
+
+def image_defaults_of(model: model_pb2.Model) -> ImageDefaults:
+    """Generation defaults from a catalog entry's `ImageConfig` (None where it says nothing)."""
+    image = model.image
+    return ImageDefaults(
+        steps=image.steps if image.HasField("steps") else None,
+        cfg_scale=image.cfg_scale if image.HasField("cfg_scale") else None,
+        sampler=image.samplers[0] if image.samplers else None,
+        resolution=image.resolution if image.HasField("resolution") else None,
+        clip_skip=image.clip_skip if image.HasField("clip_skip") else None,
+    )
+
+
+def _base_label(base: model_pb2.ImageBaseModel.ValueType) -> str:
+    from inference_service.engines.diffusers_engine import base_model_label
+
+    return base_model_label(base)
+
+
+def image_adapter_mismatch(model: model_pb2.Model, adapter: model_pb2.Model) -> str | None:
+    """Why the image LoRA `adapter` cannot apply to `model`, or None when the base families
+    agree (or one is unknown: diffusers then refuses a LoRA whose layers do not fit)."""
+    base, lora_base = model.image.base_model, adapter.image.base_model
+    if not base or not lora_base or base == lora_base:
+        return None
+    return (
+        f"LoRA {adapter.name} was trained for {_base_label(lora_base)} and {model.name} is "
+        f"{_base_label(base)}: a LoRA applies only to models of the base it was trained for"
     )
 
 
@@ -70,6 +141,7 @@ class ModelManager:
         preferred_engine: str = "auto",
         max_concurrent_requests: int = 64,
         load_on_first_use: bool = True,
+        image_engine_factory: ImageEngineFactory | None = None,
     ) -> None:
         self.catalog = catalog
         self.engine_specs = engine_specs
@@ -80,6 +152,11 @@ class ModelManager:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self._running = 0
+        self.image_engine_factory = image_engine_factory
+        self._images: dict[str, LoadedImageModel] = {}
+        self._failed: dict[str, FailedModel] = {}
+        self._recoveries: dict[str, asyncio.Task[None]] = {}
+        self.reload_backoff_seconds = RELOAD_BACKOFF_SECONDS
 
     # ---- admission ----------------------------------------------------------------------------
 
@@ -153,6 +230,8 @@ class ModelManager:
         for loaded in self._loaded.values():
             if name in loaded.adapters:
                 return loaded
+        if name in self._failed:
+            return await self._load_failed(name)
         lock = self._loading.setdefault(name, asyncio.Lock())
         async with lock:
             if name in self._loaded:
@@ -162,13 +241,21 @@ class ModelManager:
                 raise errors.FailedPrecondition(
                     f"{name} is {model_pb2.ModelState.Name(model.state)}, not READY", reason="MODEL_NOT_READY"
                 )
+            if model.WhichOneof("config") == "image":
+                raise errors.FailedPrecondition(
+                    f"{name} is an image model: use GenerateImage",
+                    reason="IMAGE_MODEL",
+                    metadata={"model": name},
+                )
             if model.HasField("llm") and model.llm.HasField("adapter"):
                 return await self._load_adapter(model)
             engine_name = await self._choose_engine(model)
             engine = self.engine_factory(engine_name, Path(model.local_path), max_model_len)
             started = time.perf_counter()
             await engine.start()
-            loaded = LoadedModel(model=model, engine=engine, defaults=_defaults_of(model))
+            loaded = LoadedModel(
+                model=model, engine=engine, defaults=_defaults_of(model), max_model_len=max_model_len
+            )
             self._loaded[name] = loaded
             log.info("loaded %s on %s in %.1f s", name, engine_name, time.perf_counter() - started)
             return loaded
@@ -195,10 +282,19 @@ class ModelManager:
     async def unload(self, name: str) -> None:
         """Unload a base model (and its adapters), or one adapter."""
         name = model_name(name)
+        if await self._unload_image(name):
+            return
+        failed = name in self._failed
+        if failed:
+            await self._wait_reload(name)  # a reload under way finishes first: nothing leaks
+            self._failed.pop(name, None)
         loaded = self._loaded.pop(name, None)
         if loaded is not None:
             await loaded.engine.close()
             log.info("unloaded %s", name)
+            return
+        if failed:
+            log.info("gave up %s (its engine had died)", name)
             return
         for base in self._loaded.values():
             if name in base.adapters:
@@ -220,6 +316,9 @@ class ModelManager:
                 violations=[errors.FieldViolation("model", "required")],
             )
         name = model_name(model)
+        self._raise_if_failed(name)
+        if adapter:
+            self._raise_if_failed(model_name(adapter))
         loaded = self._loaded.get(name)
         if loaded is None:
             # An adapter named as the model: serve it on its base.
@@ -260,8 +359,281 @@ class ModelManager:
             await self._load_adapter(adapter_model)
         return loaded, adapter_name
 
+    # ---- engine failures ----------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the engine of a loaded model has died and it does not serve again yet."""
+        return not self._failed
+
+    def failed(self) -> dict[str, str]:
+        """Models whose engine died, each with what happened since."""
+        return {name: failed.message for name, failed in self._failed.items()}
+
+    def check_engines(self) -> list[str]:
+        """Drop every engine that died and start reloading its model; returns those models."""
+        dead = [name for name, loaded in self._loaded.items() if not loaded.engine.alive]
+        for name in dead:
+            loaded = self._loaded.pop(name)
+            message = f"the {loaded.engine.name} engine serving {name} died"
+            self._failed[name] = FailedModel(loaded, message)
+            log.error("%s; reloading it", message)
+            self._recoveries[name] = asyncio.create_task(self._recover(name), name=f"reload-{name}")
+        return dead
+
+    async def supervise(
+        self, report: Callable[[bool], Awaitable[None]], interval: float = ENGINE_CHECK_SECONDS
+    ) -> None:
+        """Check the engines every `interval` s and `report(healthy)` on each change, until cancelled."""
+        healthy = True
+        while True:
+            self.check_engines()
+            if self.healthy != healthy:
+                healthy = self.healthy
+                await report(healthy)
+            await asyncio.sleep(interval)
+
+    def _raise_if_failed(self, name: str) -> None:
+        for failed in self._failed.values():
+            if name == failed.loaded.model.name or name in failed.loaded.adapters:
+                then = "it is being reloaded, retry shortly" if failed.reloading else "LoadModel retries"
+                raise errors.Unavailable(
+                    f"{failed.message}; {then}",
+                    reason="ENGINE_FAILED",
+                    metadata={"model": failed.loaded.model.name, "engine": failed.loaded.engine.name},
+                )
+
+    async def _recover(self, name: str) -> None:
+        failed = self._failed[name]
+        with contextlib.suppress(Exception):  # release what is left of the dead engine
+            await asyncio.wait_for(failed.loaded.engine.close(), 30)
+        for attempt in range(1, RELOAD_ATTEMPTS + 1):
+            try:
+                await self._reload(failed.loaded)
+            except Exception as exc:
+                failed.message = f"the engine serving {name} died and reload {attempt} failed: {exc}"
+                log.warning("%s", failed.message)
+                if attempt < RELOAD_ATTEMPTS:
+                    await asyncio.sleep(self.reload_backoff_seconds * 2 ** (attempt - 1))
+            else:
+                log.info("reloaded %s after its engine died", name)
+                return
+        failed.reloading = False
+        log.error("%s stays FAILED after %d reloads; LoadModel retries it", name, RELOAD_ATTEMPTS)
+
+    async def _reload(self, old: LoadedModel) -> LoadedModel:
+        """A new engine for `old`'s model and adapters (no catalog call: it may be down too)."""
+        name = old.model.name
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if name in self._loaded:
+                return self._loaded[name]
+            engine = self.engine_factory(old.engine.name, Path(old.model.local_path), old.max_model_len)
+            try:
+                await engine.start()
+                for adapter_name, adapter in old.adapters.items():
+                    await engine.add_adapter(adapter_name, Path(adapter.local_path))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await engine.close()
+                raise
+            loaded = LoadedModel(
+                model=old.model,
+                engine=engine,
+                defaults=old.defaults,
+                adapters=dict(old.adapters),
+                max_model_len=old.max_model_len,
+            )
+            self._loaded[name] = loaded
+            self._failed.pop(name, None)
+            return loaded
+
+    async def _wait_reload(self, name: str) -> None:
+        task = self._recoveries.get(name)
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
+    async def _load_failed(self, name: str) -> LoadedModel:
+        """`load` of a model whose engine died: the reload under way, or a new one."""
+        failed = self._failed[name]
+        task = self._recoveries.get(name)
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+        else:
+            await self._reload(failed.loaded)
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            raise errors.Unavailable(failed.message, reason="ENGINE_FAILED", metadata={"model": name})
+        return loaded
+
+    # ---- image models -------------------------------------------------------------------------
+
+    def loaded_images(self) -> list[LoadedImageModel]:
+        """Loaded image models, in load order."""
+        return list(self._images.values())
+
+    async def load_any(
+        self, name: str, *, max_model_len: int | None = None
+    ) -> LoadedModel | LoadedImageModel:
+        """`LoadModel`: an image model (or image LoRA) with `load_image`, anything else with `load`."""
+        name = model_name(name)
+        if name in self._images or any(name in m.adapters for m in self._images.values()):
+            return await self.load_image(name)
+        if name not in self._loaded and not any(name in m.adapters for m in self._loaded.values()):
+            model = await self._catalog_model(name)
+            if model.WhichOneof("config") == "image":
+                return await self.load_image(name, model)
+        return await self.load(name, max_model_len=max_model_len)
+
+    async def load_image(self, name: str, model: model_pb2.Model | None = None) -> LoadedImageModel:
+        """Load a full image checkpoint on an image engine, or an image LoRA onto its parent."""
+        name = model_name(name)
+        if name in self._images:
+            return self._images[name]
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if name in self._images:
+                return self._images[name]
+            if model is None:
+                model = await self._catalog_model(name)
+            if model.state != model_pb2.MODEL_STATE_READY:
+                raise errors.FailedPrecondition(
+                    f"{name} is {model_pb2.ModelState.Name(model.state)}, not READY", reason="MODEL_NOT_READY"
+                )
+            if model.WhichOneof("config") != "image":
+                raise errors.FailedPrecondition(
+                    f"{name} is not an image model: use Generate or Chat",
+                    reason="NOT_AN_IMAGE_MODEL",
+                    metadata={"model": name},
+                )
+            kind = model.image.checkpoint_type
+            if kind == model_pb2.CHECKPOINT_TYPE_LORA:
+                if not model.parent:
+                    raise errors.FailedPrecondition(
+                        f"image LoRA {name} has no parent model in the catalog: name it as the adapter of "
+                        "GenerateImage on a base model, or import it with a parent",
+                        reason="ADAPTER_BASE_UNKNOWN",
+                        metadata={"model": name},
+                    )
+                base = await self.load_image(model.parent)
+                await self._add_image_adapter(base, model)
+                return base
+            if kind != model_pb2.CHECKPOINT_TYPE_CHECKPOINT:
+                raise errors.FailedPrecondition(
+                    f"{name} is a {model_pb2.CheckpointType.Name(kind).removeprefix('CHECKPOINT_TYPE_')}, "
+                    "not a full checkpoint: it cannot generate on its own",
+                    reason="NOT_A_PIPELINE",
+                    metadata={"model": name},
+                )
+            engine_name = await self._choose_engine(model)
+            if self.image_engine_factory is None:
+                raise errors.FailedPrecondition(
+                    f"engine {engine_name} cannot serve image models here", reason="ENGINE_UNAVAILABLE"
+                )
+            engine = self.image_engine_factory(model)
+            started = time.perf_counter()
+            try:
+                await engine.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await engine.close()
+                raise
+            loaded = LoadedImageModel(model=model, engine=engine)
+            self._images[name] = loaded
+            log.info("loaded %s on %s in %.1f s", name, engine.name, time.perf_counter() - started)
+            return loaded
+
+    async def image_target(self, model: str, adapter: str = "") -> tuple[LoadedImageModel, str | None]:
+        """The loaded image model (and LoRA id) a GenerateImage request runs on, loading them
+        when allowed; FAILED_PRECONDITION `ADAPTER_BASE_MISMATCH` for a LoRA of another base."""
+        if not model:
+            raise errors.InvalidArgument(
+                "model is required",
+                reason="MISSING_FIELD",
+                violations=[errors.FieldViolation("model", "required")],
+            )
+        name = model_name(model)
+        adapter_name = model_name(adapter) if adapter else None
+        loaded = self._images.get(name)
+        if loaded is None:
+            if not self.load_on_first_use and not any(name in m.adapters for m in self._images.values()):
+                raise errors.NotFound(
+                    f"{name} is not loaded; call LoadModel first",
+                    reason="MODEL_NOT_LOADED",
+                    metadata={"model": name},
+                )
+            loaded = await self.load_image(name)
+            if name != loaded.model.name:  # an image LoRA named as the model runs on its parent
+                if adapter_name not in (None, name):
+                    raise errors.InvalidArgument(
+                        f"{name} is a LoRA; name its base as the model to apply {adapter_name}",
+                        reason="NOT_A_PIPELINE",
+                        violations=[errors.FieldViolation("model", "a LoRA, not a full checkpoint")],
+                    )
+                adapter_name = name
+        if adapter_name is None:
+            return loaded, None
+        if adapter_name not in loaded.adapters:
+            if not self.load_on_first_use:
+                raise errors.NotFound(
+                    f"adapter {adapter_name} is not loaded on {name}", reason="ADAPTER_NOT_LOADED"
+                )
+            await self._add_image_adapter(loaded, await self._catalog_model(adapter_name))
+        return loaded, adapter_name
+
+    async def _add_image_adapter(self, base: LoadedImageModel, adapter: model_pb2.Model) -> None:
+        if adapter.name in base.adapters:
+            return
+        if (
+            adapter.WhichOneof("config") != "image"
+            or adapter.image.checkpoint_type != model_pb2.CHECKPOINT_TYPE_LORA
+        ):
+            raise errors.InvalidArgument(
+                f"{adapter.name} is not an image LoRA",
+                reason="NOT_AN_ADAPTER",
+                violations=[errors.FieldViolation("adapter", "not an image LoRA")],
+            )
+        if adapter.state != model_pb2.MODEL_STATE_READY:
+            raise errors.FailedPrecondition(
+                f"{adapter.name} is {model_pb2.ModelState.Name(adapter.state)}, not READY",
+                reason="MODEL_NOT_READY",
+            )
+        problem = image_adapter_mismatch(base.model, adapter)
+        if problem is not None:
+            raise errors.FailedPrecondition(
+                problem,
+                reason="ADAPTER_BASE_MISMATCH",
+                metadata={
+                    "adapter": adapter.name,
+                    "adapter_base": model_pb2.ImageBaseModel.Name(adapter.image.base_model),
+                    "model": base.model.name,
+                    "model_base": model_pb2.ImageBaseModel.Name(base.model.image.base_model),
+                },
+            )
+        await base.engine.add_adapter(adapter.name, Path(adapter.local_path))
+        base.adapters[adapter.name] = adapter
+        log.info("loaded image LoRA %s onto %s", adapter.name, base.model.name)
+
+    async def _unload_image(self, name: str) -> bool:
+        """Unload an image model or image LoRA; False when `name` is neither."""
+        loaded = self._images.pop(name, None)
+        if loaded is not None:
+            await loaded.engine.close()
+            log.info("unloaded %s", name)
+            return True
+        for base in self._images.values():
+            if name in base.adapters:
+                await base.engine.remove_adapter(name)
+                del base.adapters[name]
+                return True
+        return False
+
     async def close(self) -> None:
-        """Unload everything."""
+        """Stop reloads and unload everything."""
+        for task in self._recoveries.values():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         for name in list(self._loaded):
             loaded = self._loaded.pop(name)
             await loaded.engine.close()
+        for name in list(self._images):
+            await self._images.pop(name).engine.close()

@@ -10,13 +10,16 @@ from google.protobuf import timestamp_pb2
 from grpc import aio
 
 from inference_service.engines.base import (
+    EngineDelta,
     EngineRequest,
     FinishReason,
     SamplingSpec,
     StructuredOutputSpec,
     collect,
 )
-from inference_service.models import LoadedModel, ModelManager
+from inference_service.engines.image_base import ImageRequest, ImageResult
+from inference_service.metrics import InferenceMetrics
+from inference_service.models import LoadedImageModel, LoadedModel, ModelManager
 from inference_service.sampling import validate_sampling
 from modelyard.inference.v1 import inference_service_pb2 as pb
 from modelyard.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -53,8 +56,8 @@ def structured_spec(message: pb.StructuredOutput) -> StructuredOutputSpec | None
     return None
 
 
-def loaded_model_proto(loaded: LoadedModel) -> pb.LoadedModel:
-    """LoadedModel (domain) -> proto."""
+def loaded_model_proto(loaded: LoadedModel | LoadedImageModel) -> pb.LoadedModel:
+    """LoadedModel or LoadedImageModel (domain) -> proto."""
     load_time = timestamp_pb2.Timestamp()
     load_time.FromNanoseconds(int(loaded.load_time * 1e9))
     return pb.LoadedModel(
@@ -62,8 +65,55 @@ def loaded_model_proto(loaded: LoadedModel) -> pb.LoadedModel:
         engine=loaded.engine.name,
         state=pb.LOADED_MODEL_STATE_READY,
         adapters=list(loaded.adapters),
-        max_model_len=loaded.engine.max_model_len,
+        max_model_len=loaded.engine.max_model_len if isinstance(loaded, LoadedModel) else 0,
         load_time=load_time,
+    )
+
+
+def _all_loaded(manager: ModelManager) -> list[LoadedModel | LoadedImageModel]:
+    return [*manager.loaded(), *manager.loaded_images()]
+
+
+def image_request(request: pb.GenerateImageRequest, adapter_id: str | None) -> ImageRequest:
+    """proto GenerateImageRequest -> ImageRequest (unset optional fields stay None)."""
+
+    # ListFields gives the optional fields that are set (zero values included).
+    given = {f.name: v for f, v in request.ListFields()}.get
+    return ImageRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=given("steps"),
+        cfg_scale=given("cfg_scale"),
+        sampler=request.sampler or None,
+        seed=given("seed"),
+        width=given("width"),
+        height=given("height"),
+        clip_skip=given("clip_skip"),
+        adapter_id=adapter_id,
+        adapter_scale=given("adapter_scale"),
+    )
+
+
+def image_response(request_id: str, model: str, result: ImageResult) -> pb.GenerateImageResponse:
+    """ImageResult -> proto GenerateImageResponse."""
+    used = result.parameters
+    return pb.GenerateImageResponse(
+        request_id=request_id,
+        model=model,
+        image=result.png,
+        mime_type=result.mime_type,
+        parameters=pb.ImageParameters(
+            adapter=used.adapter_id or "",
+            adapter_scale=used.adapter_scale,
+            steps=used.steps,
+            cfg_scale=used.cfg_scale,
+            sampler=used.sampler,
+            seed=used.seed,
+            width=used.width,
+            height=used.height,
+            clip_skip=used.clip_skip,
+        ),
     )
 
 
@@ -82,9 +132,20 @@ def _logprobs(delta: Any) -> list[pb.TokenLogprob]:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """The gRPC face of `ModelManager` and its engines."""
 
-    def __init__(self, manager: ModelManager, server_info: pb.GetServerInfoResponse) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        server_info: pb.GetServerInfoResponse,
+        metrics: InferenceMetrics | None = None,
+    ) -> None:
         self.manager = manager
         self.server_info = server_info
+        self.metrics = metrics
+
+    def _generate(self, loaded: LoadedModel, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """The engine's stream for `request`, counted in the metrics when there are any."""
+        deltas = loaded.engine.generate(request)
+        return deltas if self.metrics is None else self.metrics.observe(loaded.model.name, deltas)
 
     async def _prepare(
         self,
@@ -158,7 +219,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GenerateResponse:
         with self.manager.admit():
             loaded, engine_request = await self._generate_request(request)
-            result = await collect(loaded.engine.generate(engine_request))
+            result = await collect(self._generate(loaded, engine_request))
         return pb.GenerateResponse(
             request_id=engine_request.request_id,
             model=loaded.model.name,
@@ -180,7 +241,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         with self.manager.admit():
             loaded, engine_request = await self._generate_request(request)
-            async for delta in loaded.engine.generate(engine_request):
+            async for delta in self._generate(loaded, engine_request):
                 yield pb.StreamGenerateResponse(
                     request_id=engine_request.request_id,
                     index=delta.index,
@@ -194,7 +255,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
         with self.manager.admit():
             loaded, engine_request = await self._chat_request(request)
-            result = await collect(loaded.engine.generate(engine_request))
+            result = await collect(self._generate(loaded, engine_request))
         return pb.ChatResponse(
             request_id=engine_request.request_id,
             model=loaded.model.name,
@@ -214,7 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamChatResponse]:
         with self.manager.admit():
             loaded, engine_request = await self._chat_request(request)
-            async for delta in loaded.engine.generate(engine_request):
+            async for delta in self._generate(loaded, engine_request):
                 yield pb.StreamChatResponse(
                     request_id=engine_request.request_id,
                     index=delta.index,
@@ -223,11 +284,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     usage=_usage(delta.usage) if delta.usage else None,
                 )
 
+    async def GenerateImage(
+        self, request: pb.GenerateImageRequest, context: aio.ServicerContext
+    ) -> pb.GenerateImageResponse:
+        with self.manager.admit():
+            loaded, adapter_id = await self.manager.image_target(request.model, request.adapter)
+            image = image_request(request, adapter_id)
+            result = await loaded.engine.generate_image(image)
+        return image_response(image.request_id, loaded.model.name, result)
+
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: aio.ServicerContext
     ) -> pb.LoadModelResponse:
         max_len = request.max_model_len if request.HasField("max_model_len") else None
-        loaded = await self.manager.load(request.model, max_model_len=max_len)
+        loaded = await self.manager.load_any(request.model, max_model_len=max_len)
         return pb.LoadModelResponse(loaded_model=loaded_model_proto(loaded))
 
     async def UnloadModel(
@@ -240,7 +310,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ListLoadedModelsRequest, context: aio.ServicerContext
     ) -> pb.ListLoadedModelsResponse:
         return pb.ListLoadedModelsResponse(
-            loaded_models=[loaded_model_proto(m) for m in self.manager.loaded()]
+            loaded_models=[loaded_model_proto(m) for m in _all_loaded(self.manager)]
         )
 
     async def GetServerInfo(
@@ -248,5 +318,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetServerInfoResponse:
         info = pb.GetServerInfoResponse()
         info.CopyFrom(self.server_info)
-        info.loaded_models.extend(loaded_model_proto(m) for m in self.manager.loaded())
+        info.loaded_models.extend(loaded_model_proto(m) for m in _all_loaded(self.manager))
         return info

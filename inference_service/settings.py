@@ -16,6 +16,9 @@ class InferenceSettings(CommonSettings):
     listen: str = setting(
         "[::]:50053", "MODELYARD_INFERENCE_LISTEN", "address the inference service listens on"
     )
+    metrics_port: int = setting(
+        9093, "MODELYARD_INFERENCE_METRICS_PORT", "port of the Prometheus /metrics endpoint (0: off)"
+    )
     catalog_address: str = setting(
         "", "MODELYARD_CATALOG_ADDRESS", "catalog to register with and resolve models from (host:port)"
     )
@@ -32,7 +35,7 @@ class InferenceSettings(CommonSettings):
     engine: str = setting(
         "auto",
         "MODELYARD_INFERENCE_ENGINE",
-        "vllm, transformers, or auto (vllm, transformers when vllm cannot)",
+        "vllm, transformers, auto (vllm, transformers when vllm cannot), or diffusers (image models)",
     )
     load_on_first_use: bool = setting(
         True,
@@ -61,6 +64,17 @@ class InferenceSettings(CommonSettings):
         False,
         "MODELYARD_INFERENCE_ENFORCE_EAGER",
         "vLLM: skip graph compilation (starts faster, runs slower)",
+    )
+    diffusers_configs: list[str] = setting(
+        [],
+        "MODELYARD_INFERENCE_DIFFUSERS_CONFIGS",
+        "diffusers: local config folders single-file checkpoints load with, BASE=FOLDER each "
+        "(sd15, sd21, sdxl, sdxl-refiner, sd3, flux), ':'-separated",
+    )
+    diffusers_threads: int = setting(
+        1,
+        "MODELYARD_INFERENCE_DIFFUSERS_THREADS",
+        "diffusers: torch CPU threads of each image engine (1 suits small CPUs)",
     )
     allow_remote_code: bool = setting(
         False, "MODELYARD_INFERENCE_ALLOW_REMOTE_CODE", "allow models that need trust_remote_code"

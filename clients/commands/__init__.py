@@ -7,7 +7,7 @@ environment variables. `--json` prints the RPC's answer as proto JSON.
 
 from __future__ import annotations
 
-from clients.commands import generation, models, training, workers
+from clients.commands import demo, generation, images, models, training, workers
 from clients.commands.common import Subparsers
 
 
@@ -17,3 +17,5 @@ def register(sub: Subparsers) -> None:
     workers.register(sub)
     training.register(sub)
     generation.register(sub)
+    images.register(sub)
+    demo.register(sub)
