@@ -13,6 +13,7 @@ available to logs, and turns exceptions into statuses:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -133,7 +134,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
             except Exception as exc:
                 await _abort(context, exc, request_id, method)
             finally:
-                request_id_var.reset(token)
+                # A stream the client closed early is finalized in another context.
+                with contextlib.suppress(ValueError):
+                    request_id_var.reset(token)
 
         make_stream = (
             grpc.unary_stream_rpc_method_handler
