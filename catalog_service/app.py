@@ -6,9 +6,11 @@ import asyncio
 import logging
 
 from grpc import aio
+from prometheus_client.registry import Collector
 
 from catalog_service.catalog import Catalog
 from catalog_service.db import migrate
+from catalog_service.metrics import catalog_collector
 from catalog_service.servicer import CatalogServicer
 from catalog_service.settings import CatalogSettings
 from catalog_service.store import CatalogStore
@@ -42,6 +44,10 @@ class CatalogApp:
     def add_to_server(self, server: aio.Server) -> None:
         assert self.catalog is not None, "start() first"
         catalog_service_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.catalog), server)
+
+    def metrics_collectors(self) -> list[Collector]:
+        """Models per kind and state, workers per role and state (`catalog_service.metrics`)."""
+        return [catalog_collector(lambda: self.store)]
 
     async def on_serving(self, port: int) -> None:
         return None

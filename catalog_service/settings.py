@@ -23,6 +23,9 @@ class CatalogSettings(CommonSettings):
     """Settings of the catalog service."""
 
     listen: str = setting("[::]:50051", "MODELYARD_CATALOG_LISTEN", "address the catalog listens on")
+    metrics_port: int = setting(
+        9091, "MODELYARD_CATALOG_METRICS_PORT", "port of the Prometheus /metrics endpoint (0: off)"
+    )
     database_url: str = setting(
         "", "MODELYARD_CATALOG_DATABASE_URL", "SQLAlchemy URL; default SQLite at DATA_DIR/catalog.db"
     )

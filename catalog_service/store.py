@@ -1048,6 +1048,14 @@ class CatalogStore:
             ).all()
         return [self._parse_worker(r.worker_id, r.data, now) for r in rows]
 
+    def count_models(self) -> dict[tuple[str, str], int]:
+        """Number of models per (kind, state) name, e.g. ("MODEL_KIND_LLM", "MODEL_STATE_READY")."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(ModelRow.kind, ModelRow.state, func.count()).group_by(ModelRow.kind, ModelRow.state)
+            ).all()
+        return {(kind, state): int(count) for kind, state, count in rows}
+
     # ------------------------------------------------------------------ worker helpers
 
     @staticmethod

@@ -10,6 +10,10 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from server_kit import tracing
+from server_kit.interceptors import REQUEST_ID_KEY
+from server_kit.logs import request_id_var
+
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -74,21 +78,32 @@ def open_channel(address: str, service: str, tls: TlsConfig | None = None) -> gr
     """A sync channel to `address`."""
     options = channel_options(service, tls)
     if tls is not None:
-        return grpc.secure_channel(address, tls.credentials(), options=options)
-    return grpc.insecure_channel(address, options=options)
+        channel = grpc.secure_channel(address, tls.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    interceptors = tracing.client_interceptors()  # trace context, when tracing is on
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
 def open_aio_channel(address: str, service: str, tls: TlsConfig | None = None) -> aio.Channel:
     """An asyncio channel to `address`."""
     options = channel_options(service, tls)
+    interceptors = tracing.aio_client_interceptors() or None  # trace context, when tracing is on
     if tls is not None:
-        return aio.secure_channel(address, tls.credentials(), options=options)
-    return aio.insecure_channel(address, options=options)
+        return aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
+    return aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 def call_metadata(token: str | None, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """Per-call metadata: the bearer token when set, plus `extra`."""
+    """Per-call metadata: the bearer token when set, plus `extra`.
+
+    Called while a Modelyard server handles an RPC (a service calling another), it also
+    forwards that RPC's request id (`x-request-id`), so both sides log the same id.
+    """
     metadata = list(extra)
     if token:
         metadata.append(("authorization", f"Bearer {token}"))
+    request_id = request_id_var.get()
+    if request_id != "-" and not any(key == REQUEST_ID_KEY for key, _ in metadata):
+        metadata.append((REQUEST_ID_KEY, request_id))
     return metadata

@@ -22,7 +22,9 @@ def serve(service: str, args: argparse.Namespace) -> int:
         from catalog_service.settings import CatalogSettings
 
         catalog = load(CatalogSettings, **shared)
-        servers.append(make_server(CatalogApp(catalog), catalog.listen, common))
+        servers.append(
+            make_server(CatalogApp(catalog), catalog.listen, common, metrics_port=catalog.metrics_port)
+        )
         catalog_address = "localhost:" + catalog.listen.rsplit(":", 1)[1]
     if "trainer" in names:
         from trainer_service.app import TrainerApp
@@ -31,7 +33,9 @@ def serve(service: str, args: argparse.Namespace) -> int:
         trainer = load(TrainerSettings, **shared)
         if not trainer.catalog_address and catalog_address:
             trainer.catalog_address = catalog_address
-        servers.append(make_server(TrainerApp(trainer), trainer.listen, common))
+        servers.append(
+            make_server(TrainerApp(trainer), trainer.listen, common, metrics_port=trainer.metrics_port)
+        )
     if "inference" in names:
         from inference_service.app import InferenceApp
         from inference_service.settings import InferenceSettings
@@ -39,6 +43,10 @@ def serve(service: str, args: argparse.Namespace) -> int:
         inference = load(InferenceSettings, **shared)
         if not inference.catalog_address and catalog_address:
             inference.catalog_address = catalog_address
-        servers.append(make_server(InferenceApp(inference), inference.listen, common))
+        servers.append(
+            make_server(
+                InferenceApp(inference), inference.listen, common, metrics_port=inference.metrics_port
+            )
+        )
     serve_forever(servers, common)
     return 0

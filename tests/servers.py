@@ -18,9 +18,10 @@ from server_kit.server import GrpcServer, ServiceApp
 class ThreadedServer:
     """A `GrpcServer` for `app` on 127.0.0.1 (free port) in a background event loop."""
 
-    def __init__(self, app: ServiceApp, *, grace_seconds: float = 1.0) -> None:
+    def __init__(self, app: ServiceApp, *, grace_seconds: float = 1.0, **options: Any) -> None:
+        """`options` go to `GrpcServer` (e.g. `metrics_listen="127.0.0.1:0"`)."""
         self.app = app
-        self.server = GrpcServer(app, "127.0.0.1:0", grace_seconds=grace_seconds)
+        self.server = GrpcServer(app, "127.0.0.1:0", grace_seconds=grace_seconds, **options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self._thread.start()

@@ -151,6 +151,18 @@ class EngineDelta:
     usage: Usage | None = None
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds now (`Engine.load_stats`)."""
+
+    running: int
+    """Requests being generated."""
+    waiting: int
+    """Requests queued by the engine's scheduler, not yet running."""
+    kv_cache_usage: float | None = None
+    """Share of the KV cache in use, 0-1 (None: the engine does not say)."""
+
+
 @dataclass
 class Completion:
     """One whole completion, assembled from deltas by `collect`."""
@@ -382,6 +394,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def num_unfinished_requests(self) -> int:
         """Requests the engine still holds (waiting or running)."""
+
+    def load_stats(self) -> EngineLoad:
+        """Requests waiting and running, and KV-cache use where known (for metrics).
+
+        The default: every unfinished request runs (no queue), KV-cache use unknown.
+        """
+        return EngineLoad(running=self.num_unfinished_requests(), waiting=0)
 
     @abc.abstractmethod
     async def add_adapter(self, adapter_id: str, path: str | Path, rank: int | None = None) -> None:

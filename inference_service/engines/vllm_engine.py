@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from inference_service.engines.base import (
     Engine,
     EngineDelta,
+    EngineLoad,
     EngineRequest,
     FinishReason,
     StructuredOutputSpec,
@@ -124,6 +125,7 @@ class VllmEngine(Engine):
         self._next_lora_id = 1
         self._active: dict[str, str | None] = {}  # running request id -> its adapter id
         self._closed = False
+        self._scheduler_stats: dict[int, Any] = {}  # engine core index -> its latest SchedulerStats
 
     # -- properties ---------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class VllmEngine(Engine):
             options["max_model_len"] = self._requested_max_model_len
         args = AsyncEngineArgs(**options)
         try:
-            llm = AsyncLLM.from_engine_args(args)
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_recorder(self._scheduler_stats)])
         except Exception as exc:
             raise FailedPrecondition(
                 f"vLLM could not start {self._model_path}: {exc}",
@@ -384,6 +386,18 @@ class VllmEngine(Engine):
         """Requests vLLM's front end still tracks."""
         return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
 
+    def load_stats(self) -> EngineLoad:
+        """Running and waiting requests and KV-cache use, from vLLM's latest scheduler stats."""
+        stats = list(self._scheduler_stats.values())
+        if not stats or self.num_unfinished_requests() == 0:
+            # Idle (the last stats may predate the end of the last request): nothing held.
+            return EngineLoad(running=0, waiting=0, kv_cache_usage=0.0 if stats else None)
+        return EngineLoad(
+            running=sum(int(s.num_running_reqs) for s in stats),
+            waiting=sum(int(s.num_waiting_reqs) + int(s.num_skipped_waiting_reqs) for s in stats),
+            kv_cache_usage=sum(float(s.kv_cache_usage) for s in stats) / len(stats),
+        )
+
     # -- adapters -----------------------------------------------------------------------
 
     def _lora_request(self, adapter_id: str | None) -> Any:
@@ -499,3 +513,31 @@ def _logprobs(raw: Any, token_ids: tuple[int, ...], requested: int | None) -> tu
         top = tuple(TokenLogprob(tid, float(lp.logprob), lp.decoded_token or "") for tid, lp in ranked)
         result.append(TokenLogprob(token_id, float(chosen.logprob), chosen.decoded_token or "", top))
     return tuple(result)
+
+
+def _stats_recorder(latest: dict[int, Any]) -> Any:
+    """A vLLM stat-logger class keeping each engine core's latest ``SchedulerStats`` in ``latest``.
+
+    vLLM passes scheduler stats (running and waiting requests, KV-cache use) only to
+    stat loggers; this one keeps the last of them for `VllmEngine.load_stats`.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LatestSchedulerStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                latest[engine_idx] = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    return LatestSchedulerStats
