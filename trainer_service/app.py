@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from grpc import aio
+from prometheus_client.registry import Collector
 
 from clients.catalog import AsyncCatalogClient
 from modelyard.catalog.v1 import catalog_service_pb2, worker_pb2
@@ -15,6 +16,7 @@ from server_kit.registration import WorkerRegistration
 from trainer_service.db import migrate
 from trainer_service.jobs import JobStore
 from trainer_service.manager import JobManager, ManagerConfig
+from trainer_service.metrics import trainer_collector
 from trainer_service.servicer import TrainerServicer
 from trainer_service.settings import TrainerSettings
 
@@ -85,6 +87,10 @@ class TrainerApp:
     def add_to_server(self, server: aio.Server) -> None:
         assert self.manager is not None, "start() first"
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.manager), server)
+
+    def metrics_collectors(self) -> list[Collector]:
+        """Job states and the progress of this trainer's jobs (`trainer_service.metrics`)."""
+        return [trainer_collector(lambda: self.store, lambda: self.manager)]
 
     async def on_serving(self, port: int) -> None:
         if not self.settings.catalog_address:

@@ -26,6 +26,9 @@ class TrainerSettings(CommonSettings):
     """Settings of the trainer service."""
 
     listen: str = setting("[::]:50052", "MODELYARD_TRAINER_LISTEN", "address the trainer service listens on")
+    metrics_port: int = setting(
+        9092, "MODELYARD_TRAINER_METRICS_PORT", "port of the Prometheus /metrics endpoint (0: off)"
+    )
     catalog_address: str = setting(
         "", "MODELYARD_CATALOG_ADDRESS", "catalog to register with and resolve models from (host:port)"
     )

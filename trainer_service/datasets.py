@@ -1,0 +1,691 @@
+"""Training data: load, detect the format, check every row, tokenize.
+
+A dataset is a local JSONL / JSON / Parquet file, a folder of such files (or a
+folder written by `datasets.Dataset.save_to_disk`), or the name of a
+Hugging Face `datasets` dataset already in the local datasets cache (never
+downloaded). Rows are plain dicts in one of four formats:
+
+- text: `{"text": "..."}`
+- prompt/completion: `{"prompt": "...", "completion": "..."}` (strings, or
+  lists of chat messages: conversational prompt/completion)
+- chat: `{"messages": [{"role": "user", "content": "..."}, ...]}`
+- preference: `{"prompt": ..., "chosen": ..., "rejected": ...}` (strings, or
+  lists of chat messages)
+
+`check_rows` reports every problem by row (`RowIssue`) before any compute is
+spent: a row that is not an object, a missing field, a wrong type, an empty
+value, a conversation without an assistant turn, a row longer than
+`max_seq_length` tokens once rendered with the base model's tokenizer and chat
+template. Tokenization here is the one the training uses (`tokenize_sft_row`),
+so "too long" means the same thing in validation and in training.
+
+Chat rows are rendered with the model's chat template and trained on the
+assistant turns only: each assistant turn's tokens are found by rendering the
+conversation up to that turn (with and without the turn) and comparing token
+prefixes, which works for any template that renders a conversation's prefix
+the same way (ChatML, Llama 3, Qwen, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+
+MAX_REPORTED_ISSUES = 100
+DEFAULT_MAX_SEQ_LENGTH = 512
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class DatasetFormat(StrEnum):
+    """Row format of a dataset (the proto's `DatasetFormat` without the prefix)."""
+
+    TEXT = "TEXT"
+    PROMPT_COMPLETION = "PROMPT_COMPLETION"
+    CHAT = "CHAT"
+    PREFERENCE = "PREFERENCE"
+
+
+class Method(StrEnum):
+    """Training method (the proto's `TrainingMethod` without the prefix)."""
+
+    LORA = "LORA"
+    QLORA = "QLORA"
+    FULL = "FULL"
+    DPO = "DPO"
+
+
+SFT_FORMATS = (DatasetFormat.TEXT, DatasetFormat.PROMPT_COMPLETION, DatasetFormat.CHAT)
+
+METHOD_FORMATS: dict[Method, tuple[DatasetFormat, ...]] = {
+    Method.LORA: SFT_FORMATS,
+    Method.QLORA: SFT_FORMATS,
+    Method.FULL: SFT_FORMATS,
+    Method.DPO: (DatasetFormat.PREFERENCE,),
+}
+
+REQUIRED_FIELDS: dict[DatasetFormat, tuple[str, ...]] = {
+    DatasetFormat.TEXT: ("text",),
+    DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+    DatasetFormat.CHAT: ("messages",),
+    DatasetFormat.PREFERENCE: ("prompt", "chosen", "rejected"),
+}
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    """A problem in one row: `field` is relative to the row, e.g. `messages[1].content`."""
+
+    row: int
+    field: str
+    message: str
+
+    @property
+    def path(self) -> str:
+        """The request path of the problem, e.g. `dataset.rows[3].messages[1].content`."""
+        return f"dataset.rows[{self.row}]" + (f".{self.field}" if self.field else "")
+
+    def violation(self) -> FieldViolation:
+        """This issue as a field violation of a request."""
+        return FieldViolation(self.path, self.message)
+
+
+@dataclass
+class DatasetReport:
+    """What checking a dataset found."""
+
+    format: DatasetFormat
+    num_rows: int
+    issues: list[RowIssue] = field(default_factory=list)
+    total_issues: int = 0
+    max_tokens: int | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True when no row has an issue."""
+        return self.total_issues == 0
+
+    def raise_if_invalid(self) -> None:
+        """InvalidArgument (reason INVALID_DATASET) with one violation per reported issue."""
+        if self.valid:
+            return
+        rows = sorted({issue.row for issue in self.issues})
+        more = self.total_issues - len(self.issues)
+        first = self.issues[0]
+        message = (
+            f"the dataset has {self.total_issues} problem(s) in {len(rows)}+ row(s); "
+            f"first: row {first.row} {first.field or ''}: {first.message}".replace("  ", " ")
+        )
+        if more > 0:
+            message += f" ({more} more not listed)"
+        raise InvalidArgument(
+            message,
+            reason="INVALID_DATASET",
+            metadata={"issues": self.total_issues, "rows": ",".join(str(r) for r in rows[:20])},
+            violations=[issue.violation() for issue in self.issues],
+        )
+
+
+class _IssueList:
+    """Collects issues, keeping the first `limit` and counting the rest."""
+
+    def __init__(self, limit: int = MAX_REPORTED_ISSUES) -> None:
+        self.limit = limit
+        self.kept: list[RowIssue] = []
+        self.total = 0
+        self.rows: set[int] = set()
+
+    def add(self, row: int, field_name: str, message: str) -> None:
+        self.total += 1
+        self.rows.add(row)
+        if len(self.kept) < self.limit:
+            self.kept.append(RowIssue(row, field_name, message))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Unparsable:
+    """Placeholder for a JSONL line that is not valid JSON."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+@dataclass
+class LoadedRows:
+    """The rows of a dataset and where they came from."""
+
+    rows: list[Any]
+    origin: str
+
+
+def _confined(path: Path, roots: Sequence[Path]) -> Path:
+    resolved = path.expanduser().resolve()
+    if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise InvalidArgument(
+            f"dataset path {path} is outside the folders this trainer may read "
+            f"({', '.join(str(r) for r in roots)})",
+            reason="PATH_NOT_ALLOWED",
+            violations=[FieldViolation("dataset.source", "outside the allowed folders")],
+        )
+    return resolved
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows: list[Any] = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                rows.append(_Unparsable(f"not valid JSON: {error.msg} at column {error.colno}"))
+    return rows
+
+
+def _read_json(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        # Many ".json" datasets are JSON Lines.
+        return _read_jsonl(path)
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) == 1:
+            return list(lists[0])
+    raise InvalidArgument(
+        f"{path.name}: a JSON dataset is a list of row objects (or JSON Lines)",
+        reason="INVALID_DATASET_FILE",
+        violations=[FieldViolation("dataset.source", "a JSON file must hold a list of rows")],
+    )
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_table(path).to_pylist())
+
+
+def _read_file(path: Path) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise InvalidArgument(
+        f"{path.name}: unsupported dataset file; use .jsonl, .json or .parquet",
+        reason="UNSUPPORTED_DATASET_FILE",
+        violations=[FieldViolation("dataset.source", "use a .jsonl, .json or .parquet file")],
+    )
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[Any]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise NotFound(
+                f"split {split!r} not in {path} (splits: {', '.join(loaded)})",
+                reason="DATASET_SPLIT_NOT_FOUND",
+            )
+        loaded = loaded[split]
+    return list(loaded.to_list())
+
+
+def _read_cached_dataset(name: str, split: str, cache_dir: Path) -> list[Any] | None:
+    """Rows of hub dataset `name` from the local datasets cache, or None when it is not there."""
+    namespace_and_name = name.split("/")
+    folder = cache_dir / "___".join(namespace_and_name)
+    if not folder.is_dir():
+        return None
+    from datasets.packaged_modules.cache.cache import Cache
+
+    try:
+        builder = Cache(
+            repo_id=name,
+            dataset_name=namespace_and_name[-1],
+            hash="auto",
+            version="auto",
+            cache_dir=str(cache_dir),
+        )
+    except ValueError:
+        return None
+    splits = list(builder.info.splits or [])
+    if splits and split not in splits:
+        raise NotFound(
+            f"split {split!r} not in cached dataset {name} (splits: {', '.join(splits)})",
+            reason="DATASET_SPLIT_NOT_FOUND",
+        )
+    return list(builder.as_dataset(split=split).to_list())
+
+
+def load_rows(
+    source: str,
+    *,
+    split: str = "",
+    roots: Sequence[Path] = (),
+    datasets_cache: Path | None = None,
+) -> LoadedRows:
+    """Load every row of `source` (see the module docstring).
+
+    Paths must lie inside `roots` (when given). A source that is not an
+    existing path is looked up as a dataset name in `datasets_cache`.
+    """
+    source = source.strip()
+    split = split or "train"
+    if not source:
+        raise InvalidArgument(
+            "dataset.source is required: a .jsonl/.json/.parquet file or folder, or a cached dataset name",
+            reason="MISSING_FIELD",
+            violations=[FieldViolation("dataset.source", "required")],
+        )
+    path = Path(source).expanduser()
+    if path.exists():
+        resolved = _confined(path, roots)
+        if resolved.is_file():
+            return LoadedRows(_read_file(resolved), str(resolved))
+        if (resolved / "dataset_info.json").exists() or (resolved / "dataset_dict.json").exists():
+            return LoadedRows(_read_saved_dataset(resolved, split), str(resolved))
+        files = sorted(p for p in resolved.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise InvalidArgument(
+                f"folder {resolved} has no .jsonl, .json or .parquet files",
+                reason="EMPTY_DATASET",
+                violations=[FieldViolation("dataset.source", "no data files in the folder")],
+            )
+        rows: list[Any] = []
+        for file in files:
+            rows.extend(_read_file(file))
+        return LoadedRows(rows, str(resolved))
+    looks_like_path = source.startswith((".", "/", "~")) or source.lower().endswith(DATA_SUFFIXES)
+    if not looks_like_path and datasets_cache is not None:
+        cached = _read_cached_dataset(source, split, datasets_cache)
+        if cached is not None:
+            return LoadedRows(cached, f"{source} (datasets cache, split {split})")
+    where = f"; no dataset named {source!r} in the datasets cache {datasets_cache}" if datasets_cache else ""
+    raise NotFound(
+        f"dataset {source!r} not found: no such file or folder{where if not looks_like_path else ''}",
+        reason="DATASET_NOT_FOUND",
+        metadata={"source": source},
+    )
+
+
+# --------------------------------------------------------------------------- format
+
+
+def detect_format(rows: Iterable[Any]) -> DatasetFormat:
+    """The format of the first row that is an object with known fields."""
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        keys = set(row)
+        if "messages" in keys:
+            return DatasetFormat.CHAT
+        if "chosen" in keys and "rejected" in keys:
+            return DatasetFormat.PREFERENCE
+        if "prompt" in keys and "completion" in keys:
+            return DatasetFormat.PROMPT_COMPLETION
+        if "text" in keys:
+            return DatasetFormat.TEXT
+    raise InvalidArgument(
+        "cannot detect the dataset format: rows need `text`, `prompt`+`completion`, `messages`, "
+        "or `prompt`+`chosen`+`rejected`",
+        reason="UNKNOWN_DATASET_FORMAT",
+        violations=[FieldViolation("dataset.format", "not detectable from the rows; set it")],
+    )
+
+
+def check_method_format(method: Method, fmt: DatasetFormat) -> None:
+    """InvalidArgument when `method` cannot train on `fmt` rows."""
+    allowed = METHOD_FORMATS[method]
+    if fmt not in allowed:
+        needs = " or ".join(f"{f.value.lower()} ({', '.join(REQUIRED_FIELDS[f])})" for f in allowed)
+        raise InvalidArgument(
+            f"method {method.value} needs {needs} rows; the dataset is {fmt.value.lower()}",
+            reason="DATASET_FORMAT_MISMATCH",
+            metadata={"method": method.value, "format": fmt.value},
+            violations=[FieldViolation("dataset.format", f"{fmt.value} does not fit method {method.value}")],
+        )
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and (not value or isinstance(value[0], dict))
+
+
+def _check_text(issues: _IssueList, row: int, name: str, value: Any) -> bool:
+    if not isinstance(value, str):
+        issues.add(row, name, f"must be a string, not {_type_name(value)}")
+        return False
+    if not value.strip():
+        issues.add(row, name, "is empty")
+        return False
+    return True
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_messages(
+    issues: _IssueList, row: int, name: str, value: Any, *, need_assistant: bool, only_assistant: bool = False
+) -> bool:
+    if not isinstance(value, list):
+        issues.add(row, name, f"must be a list of messages, not {_type_name(value)}")
+        return False
+    if not value:
+        issues.add(row, name, "is empty")
+        return False
+    ok = True
+    for index, message in enumerate(value):
+        where = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            issues.add(row, where, f"must be an object with role and content, not {_type_name(message)}")
+            ok = False
+            continue
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            issues.add(row, f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, not {role!r}")
+            ok = False
+        elif only_assistant and role != "assistant":
+            issues.add(row, f"{where}.role", f"must be assistant here, not {role!r}")
+            ok = False
+        content = message.get("content")
+        if "content" not in message:
+            issues.add(row, f"{where}.content", "is missing")
+            ok = False
+        elif not isinstance(content, str):
+            issues.add(row, f"{where}.content", f"must be a string, not {_type_name(content)}")
+            ok = False
+        elif not content.strip() and role == "assistant":
+            issues.add(row, f"{where}.content", "is empty")
+            ok = False
+    if ok and need_assistant and not any(m.get("role") == "assistant" for m in value):
+        issues.add(row, name, "has no assistant message to train on")
+        ok = False
+    return ok
+
+
+def _check_structure(issues: _IssueList, row: int, value: Any, fmt: DatasetFormat) -> bool:
+    """Field presence and types of one row; True when it can be tokenized."""
+    if isinstance(value, _Unparsable):
+        issues.add(row, "", value.error)
+        return False
+    if not isinstance(value, dict):
+        issues.add(row, "", f"must be an object, not {_type_name(value)}")
+        return False
+    missing = [name for name in REQUIRED_FIELDS[fmt] if name not in value or value[name] is None]
+    for name in missing:
+        issues.add(
+            row, name, f"is missing (a {fmt.value.lower()} row needs {', '.join(REQUIRED_FIELDS[fmt])})"
+        )
+    if missing:
+        return False
+    if fmt == DatasetFormat.TEXT:
+        return _check_text(issues, row, "text", value["text"])
+    if fmt == DatasetFormat.CHAT:
+        return _check_messages(issues, row, "messages", value["messages"], need_assistant=True)
+    if fmt == DatasetFormat.PROMPT_COMPLETION:
+        if _is_messages(value["prompt"]) or _is_messages(value["completion"]):
+            ok = _check_messages(issues, row, "prompt", value["prompt"], need_assistant=False)
+            return (
+                _check_messages(
+                    issues, row, "completion", value["completion"], need_assistant=True, only_assistant=True
+                )
+                and ok
+            )
+        ok = _check_text(issues, row, "prompt", value["prompt"])
+        return _check_text(issues, row, "completion", value["completion"]) and ok
+    # Preference pairs.
+    if _is_messages(value["prompt"]) or _is_messages(value["chosen"]):
+        ok = _check_messages(issues, row, "prompt", value["prompt"], need_assistant=False)
+        for name in ("chosen", "rejected"):
+            ok = (
+                _check_messages(issues, row, name, value[name], need_assistant=True, only_assistant=True)
+                and ok
+            )
+        return ok
+    ok = _check_text(issues, row, "prompt", value["prompt"])
+    for name in ("chosen", "rejected"):
+        ok = _check_text(issues, row, name, value[name]) and ok
+    if ok and value["chosen"] == value["rejected"]:
+        issues.add(row, "rejected", "is the same as chosen; a preference pair needs two different answers")
+        ok = False
+    return ok
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class TokenizedRow:
+    """Token ids of one supervised row; `labels` is -100 where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False
+) -> list[int]:
+    if not messages:
+        return []
+    output = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(output["input_ids"])
+
+
+def _text_ids(tokenizer: Any, text: str, *, eos: bool) -> list[int]:
+    ids = list(tokenizer(text)["input_ids"])
+    if eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def tokenize_sft_row(row: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> TokenizedRow:
+    """Tokens and labels of a supervised row (text, prompt/completion or chat).
+
+    Text rows train on every token (an EOS is appended); prompt/completion rows
+    on the completion (plus EOS); chat rows on the assistant turns.
+    """
+    if fmt == DatasetFormat.TEXT:
+        ids = _text_ids(tokenizer, row["text"], eos=True)
+        return TokenizedRow(ids, list(ids))
+    if fmt == DatasetFormat.PROMPT_COMPLETION:
+        if _is_messages(row["prompt"]) or _is_messages(row["completion"]):
+            prompt = _plain_messages(row["prompt"])
+            prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+            ids = _chat_ids(tokenizer, prompt + _plain_messages(row["completion"]))
+        else:
+            prompt_ids = list(tokenizer(row["prompt"])["input_ids"])
+            ids = _text_ids(tokenizer, row["prompt"] + row["completion"], eos=True)
+        start = common_prefix_length(prompt_ids, ids)
+        return TokenizedRow(ids, [IGNORE_INDEX] * start + ids[start:])
+    if fmt == DatasetFormat.CHAT:
+        messages = _plain_messages(row["messages"])
+        ids = _chat_ids(tokenizer, messages)
+        labels = [IGNORE_INDEX] * len(ids)
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True)
+            through = _chat_ids(tokenizer, messages[: index + 1])
+            start = common_prefix_length(before, ids)
+            end = common_prefix_length(through, ids)
+            labels[start:end] = ids[start:end]
+        return TokenizedRow(ids, labels)
+    raise ValueError(f"{fmt} rows are not supervised rows")
+
+
+def preference_lengths(row: dict[str, Any], tokenizer: Any) -> tuple[int, int]:
+    """Token lengths of prompt+chosen and prompt+rejected of a preference row."""
+    if _is_messages(row["prompt"]) or _is_messages(row["chosen"]):
+        prompt = _plain_messages(row["prompt"])
+        return (
+            len(_chat_ids(tokenizer, prompt + _plain_messages(row["chosen"]))),
+            len(_chat_ids(tokenizer, prompt + _plain_messages(row["rejected"]))),
+        )
+    # TRL joins prompt and answer with no separator and appends EOS.
+    return (
+        len(_text_ids(tokenizer, row["prompt"] + row["chosen"], eos=True)),
+        len(_text_ids(tokenizer, row["prompt"] + row["rejected"], eos=True)),
+    )
+
+
+def needs_chat_template(rows: Sequence[Any], fmt: DatasetFormat) -> bool:
+    """Whether rendering the rows needs the model's chat template."""
+    if fmt == DatasetFormat.CHAT:
+        return True
+    if fmt in (DatasetFormat.PROMPT_COMPLETION, DatasetFormat.PREFERENCE):
+        for row in rows:
+            if isinstance(row, dict):
+                return _is_messages(row.get("prompt")) or _is_messages(
+                    row.get("completion", row.get("chosen"))
+                )
+    return False
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def check_rows(
+    rows: Sequence[Any],
+    fmt: DatasetFormat,
+    *,
+    tokenizer: Any = None,
+    max_seq_length: int | None = None,
+    limit: int = MAX_REPORTED_ISSUES,
+) -> DatasetReport:
+    """Check every row of `rows` as `fmt` rows; lengths too when a tokenizer is given."""
+    issues = _IssueList(limit)
+    max_tokens: int | None = None
+    if not rows:
+        raise InvalidArgument(
+            "the dataset has no rows",
+            reason="EMPTY_DATASET",
+            violations=[FieldViolation("dataset.source", "no rows")],
+        )
+    if (
+        tokenizer is not None
+        and needs_chat_template(rows, fmt)
+        and not getattr(tokenizer, "chat_template", None)
+    ):
+        raise FailedPrecondition(
+            "the base model has no chat template, so chat rows cannot be rendered; "
+            "use text or prompt/completion rows, or a model with a chat template",
+            reason="NO_CHAT_TEMPLATE",
+        )
+    for index, row in enumerate(rows):
+        if not _check_structure(issues, index, row, fmt) or tokenizer is None:
+            continue
+        try:
+            if fmt == DatasetFormat.PREFERENCE:
+                chosen, rejected = preference_lengths(row, tokenizer)
+                lengths = {"chosen": chosen, "rejected": rejected}
+            else:
+                tokenized = tokenize_sft_row(row, fmt, tokenizer)
+                main = {DatasetFormat.TEXT: "text", DatasetFormat.CHAT: "messages"}.get(fmt, "completion")
+                lengths = {main: len(tokenized.input_ids)}
+                if all(label == IGNORE_INDEX for label in tokenized.labels):
+                    issues.add(index, main, "has no tokens to train on after rendering")
+                    continue
+        except Exception as error:  # a template that raises on this row
+            issues.add(index, "", f"cannot be rendered with the model's tokenizer: {error}")
+            continue
+        for name, length in lengths.items():
+            max_tokens = length if max_tokens is None else max(max_tokens, length)
+            if max_seq_length is not None and length > max_seq_length:
+                issues.add(
+                    index,
+                    name,
+                    f"is {length} tokens long, over max_seq_length {max_seq_length}; "
+                    "shorten the row or raise max_seq_length",
+                )
+    return DatasetReport(fmt, len(rows), issues.kept, issues.total, max_tokens)
+
+
+@dataclass
+class ValidatedDataset:
+    """A dataset that was loaded and checked: its rows, format and report."""
+
+    rows: list[Any]
+    format: DatasetFormat
+    report: DatasetReport
+    origin: str
+
+
+def validate_dataset(
+    source: str,
+    method: Method,
+    *,
+    fmt: DatasetFormat | None = None,
+    split: str = "",
+    tokenizer: Any = None,
+    max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
+    roots: Sequence[Path] = (),
+    datasets_cache: Path | None = None,
+) -> ValidatedDataset:
+    """Load `source`, detect (or take) its format, check it fits `method`, check every row.
+
+    Dataset-level problems (not found, unknown format, wrong format for the
+    method, no chat template) raise; row problems are in the report.
+    """
+    loaded = load_rows(source, split=split, roots=roots, datasets_cache=datasets_cache)
+    if not loaded.rows:
+        raise InvalidArgument(
+            f"dataset {source!r} has no rows",
+            reason="EMPTY_DATASET",
+            violations=[FieldViolation("dataset.source", "no rows")],
+        )
+    detected = fmt or detect_format(loaded.rows)
+    check_method_format(method, detected)
+    report = check_rows(loaded.rows, detected, tokenizer=tokenizer, max_seq_length=max_seq_length)
+    return ValidatedDataset(loaded.rows, detected, report, loaded.origin)
+
+
+def split_rows(rows: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out `eval_fraction` of the rows (at least one, a seeded random choice) for evaluation."""
+    import random
+
+    if eval_fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    count = min(len(rows) - 1, max(1, math.floor(len(rows) * eval_fraction)))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [row for i, row in enumerate(rows) if i not in held]
+    evaluation = [row for i, row in enumerate(rows) if i in held]
+    return train, evaluation

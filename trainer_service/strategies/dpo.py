@@ -1,0 +1,81 @@
+"""DPO: direct preference optimisation of a LoRA adapter with TRL's DPOTrainer.
+
+The reference model is the base with the adapter switched off
+(`ref_model=None` with a `peft_config`), so no second copy of the weights is
+loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from trainer_service.datasets import Method
+from trainer_service.strategies.base import (
+    Strategy,
+    TrainContext,
+    TrainResult,
+    common_arguments,
+    copy_tokenizer_files,
+    detect_device,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    run_trainer,
+    write_training_record,
+)
+
+
+def _pair(row: dict[str, Any]) -> dict[str, Any]:
+    """A preference row with only the fields TRL reads (messages reduced to role and content)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        return value
+
+    return {
+        "prompt": clean(row["prompt"]),
+        "chosen": clean(row["chosen"]),
+        "rejected": clean(row["rejected"]),
+    }
+
+
+class DpoStrategy(Strategy):
+    """Trains a LoRA adapter on prompt/chosen/rejected pairs; saves the adapter folder."""
+
+    method = Method.DPO
+    produces_adapter = True
+
+    def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        device = detect_device()
+        tokenizer = load_tokenizer(ctx.base_model_path, allow_remote_code=ctx.allow_remote_code)
+        model = load_model(ctx.base_model_path, device, allow_remote_code=ctx.allow_remote_code)
+        train_data = Dataset.from_list([_pair(row) for row in ctx.rows])
+        eval_data = Dataset.from_list([_pair(row) for row in ctx.eval_rows]) if ctx.eval_rows else None
+        args = DPOConfig(
+            **common_arguments(ctx, device, has_eval=eval_data is not None), beta=ctx.hyper.dpo_beta
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(ctx.hyper),
+            callbacks=list(callbacks),
+        )
+        result = run_trainer(trainer, ctx, perplexity=False)
+        if result.output_dir is None:
+            return result
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        model_out: Any = trainer.model
+        model_out.save_pretrained(str(ctx.output_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(ctx.output_dir))
+        copy_tokenizer_files(ctx.base_model_path, ctx.output_dir)
+        write_training_record(ctx, result.metrics)
+        return result
