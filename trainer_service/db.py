@@ -2,7 +2,7 @@
 
 SQLite is the embedded default (`sqlite:///{data_dir}/trainer.db`), PostgreSQL
 is for production and for several trainers sharing one queue. Engines come
-from the catalog's `make_engine` (WAL, busy timeout, `BEGIN IMMEDIATE` for
+from `server_kit.database.make_engine` (WAL, busy timeout, `BEGIN IMMEDIATE` for
 write transactions on SQLite; psycopg 3 on PostgreSQL). The schema is created
 and changed only by the Alembic migrations in `trainer_service/migrations`;
 they keep their own version table (`trainer_alembic_version`) so the trainer
@@ -12,18 +12,23 @@ and the catalog can share one PostgreSQL database.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Engine, Integer, String, Text, exc, text
+from sqlalchemy import Boolean, Engine, Integer, String, Text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
 
-from catalog_service.db import SQLITE_IMMEDIATE, UtcDateTime, is_sqlite, make_engine, normalize_url
-from server_kit.errors import Unavailable
+from server_kit.database import (
+    SQLITE_IMMEDIATE,
+    Migrations,
+    UtcDateTime,
+    is_sqlite,
+    make_engine,
+    normalize_url,
+)
+from server_kit.database import database_errors as _database_errors
 
 __all__ = [
     "SQLITE_IMMEDIATE",
@@ -82,72 +87,29 @@ class JobRow(Base):
     data: Mapped[str] = mapped_column(Text)
 
 
-@contextlib.contextmanager
-def database_errors() -> Iterator[None]:
-    """Turn "database unreachable / busy" driver errors into `Unavailable` (retryable)."""
-    try:
-        yield
-    except (exc.OperationalError, exc.InterfaceError) as error:
-        raise Unavailable(
-            "the trainer database is unavailable; retry later",
-            reason="DATABASE_UNAVAILABLE",
-            metadata={"error": type(error.orig).__name__ if error.orig is not None else type(error).__name__},
-        ) from error
+MIGRATIONS = Migrations("the trainer database", ALEMBIC_INI, MIGRATIONS_DIR, _MIGRATION_LOCK_ID)
+
+
+def database_errors() -> contextlib.AbstractContextManager[None]:
+    """Driver errors meaning "the database is unreachable or busy" -> `Unavailable`."""
+    return _database_errors("the trainer database")
 
 
 def alembic_config(url: str | URL, connection: Connection | None = None) -> Any:
     """The Alembic `Config` of the trainer, located from this package (not the CWD)."""
-    from alembic.config import Config
-
-    config = Config(str(ALEMBIC_INI))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    rendered = normalize_url(url).render_as_string(hide_password=False)
-    config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
-
-
-@contextlib.contextmanager
-def _migration_connection(target: str | URL | Engine) -> Iterator[Connection]:
-    engine = target if isinstance(target, Engine) else make_engine(target, poolclass=NullPool)
-    try:
-        with engine.connect() as connection:
-            postgres = connection.dialect.name == "postgresql"
-            if postgres:
-                # One trainer migrates at a time; the others wait, then find nothing to do.
-                connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
-                connection.commit()
-            try:
-                yield connection
-            finally:
-                if postgres:
-                    connection.rollback()
-                    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
-                    connection.commit()
-    finally:
-        if engine is not target:
-            engine.dispose()
+    return MIGRATIONS.config(url, connection)
 
 
 def migrate(target: str | URL | Engine, revision: str = "head") -> None:
     """Upgrade the database at `target` (a URL or an engine) to `revision` (default: latest)."""
-    from alembic import command
-
-    with database_errors(), _migration_connection(target) as connection:
-        command.upgrade(alembic_config(connection.engine.url, connection), revision)
+    MIGRATIONS.upgrade(target, revision)
 
 
 def downgrade(target: str | URL | Engine, revision: str = "base") -> None:
     """Downgrade the database at `target` to `revision` (default: no tables)."""
-    from alembic import command
-
-    with database_errors(), _migration_connection(target) as connection:
-        command.downgrade(alembic_config(connection.engine.url, connection), revision)
+    MIGRATIONS.downgrade(target, revision)
 
 
 def head_revision() -> str | None:
     """The latest revision the migrations define."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return MIGRATIONS.head()
