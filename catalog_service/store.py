@@ -126,6 +126,16 @@ def _source_column(source_key: str) -> str:
     return "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
 
 
+def _check_enum(enum: Any, value: int, field: str) -> None:
+    """Refuse an enum number the proto does not define (a newer client's, or junk)."""
+    if value not in enum.values():
+        raise InvalidArgument(
+            f"{field} {value} is not a known {enum.DESCRIPTOR.name}",
+            reason="UNKNOWN_ENUM_VALUE",
+            violations=[FieldViolation(field, f"not a {enum.DESCRIPTOR.name} value")],
+        )
+
+
 def _check_id(value: str, what: str, field: str) -> None:
     if not ID_PATTERN.match(value):
         raise InvalidArgument(
@@ -642,6 +652,11 @@ class CatalogStore:
 
     def _normalize(self, entry: model_pb2.Model) -> None:
         """Canonical parent name, de-duplicated tags, kind agreeing with the config; limits."""
+        _check_enum(model_pb2.ModelKind, entry.kind, "model.kind")
+        _check_enum(model_pb2.ModelState, entry.state, "model.state")
+        _check_enum(model_pb2.WeightFormat, entry.llm.weight_format, "model.llm.weight_format")
+        _check_enum(model_pb2.WeightFormat, entry.image.weight_format, "model.image.weight_format")
+        _check_enum(model_pb2.ImageBaseModel, entry.image.base_model, "model.image.base_model")
         config = entry.WhichOneof("config")
         if config is not None:
             expected = _CONFIG_KINDS[config]
@@ -1060,6 +1075,8 @@ class CatalogStore:
 
     @staticmethod
     def _fill_worker_row(row: WorkerRow, entry: worker_pb2.Worker, now: datetime) -> None:
+        _check_enum(worker_pb2.WorkerRole, entry.role, "worker.role")
+        _check_enum(worker_pb2.WorkerState, entry.state, "worker.state")
         row.role = worker_pb2.WorkerRole.Name(entry.role)
         row.engine = entry.capabilities.engine
         row.address = entry.address

@@ -122,4 +122,11 @@ def render_chat(
             f"the chat template refused the conversation: {exc}",
             reason="CHAT_TEMPLATE_ERROR",
         ) from exc
+    except Exception as exc:
+        # The template's own expressions failed (`{{ 1/0 }}`, `{{ 'a' + [] }}`): the
+        # template is at fault, not the server.
+        raise InvalidArgument(
+            f"the chat template failed while rendering: {type(exc).__name__}: {str(exc)[:200]}",
+            reason="CHAT_TEMPLATE_ERROR",
+        ) from exc
     return str(rendered)

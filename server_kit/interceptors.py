@@ -9,6 +9,9 @@ available to logs, and turns exceptions into statuses:
 - `NotImplementedError` (the generated base servicer's default) -> UNIMPLEMENTED;
 - anything else -> INTERNAL with a generic message and the request id; the
   stack trace goes to the log, never to the client.
+
+A request body that is not a valid protobuf message is answered
+INVALID_ARGUMENT (reason MALFORMED_REQUEST): gRPC itself would send UNKNOWN.
 """
 
 from __future__ import annotations
@@ -37,6 +40,35 @@ def _request_id(context: aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and value:
             return str(value)[:128]
     return uuid.uuid4().hex
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse; the handler wrapper refuses it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning a `_MalformedRequest` instead of raising on bad bytes."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return _MalformedRequest(exc)
+
+    return deserialize
+
+
+def _refuse_malformed(request: Any) -> None:
+    if isinstance(request, _MalformedRequest):
+        raise errors.InvalidArgument(
+            f"the request is not a valid protobuf message: {request.error}", reason="MALFORMED_REQUEST"
+        )
 
 
 def status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, Any]:
@@ -95,6 +127,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 token = request_id_var.set(request_id)
                 started = time.perf_counter()
                 try:
+                    _refuse_malformed(request)
                     result = inner(request, context)
                     if inspect.isawaitable(result):
                         result = await result
@@ -112,7 +145,12 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 if handler.unary_unary
                 else grpc.stream_unary_rpc_method_handler
             )
-            return make(unary, handler.request_deserializer, handler.response_serializer)
+            deserializer = (
+                handler.request_deserializer
+                if handler.stream_unary
+                else _lenient(handler.request_deserializer)
+            )
+            return make(unary, deserializer, handler.response_serializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
 
@@ -120,6 +158,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             request_id = _request_id(context)
             token = request_id_var.set(request_id)
             try:
+                _refuse_malformed(request)
                 result = inner_stream(request, context)
                 if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                     async for item in result:
@@ -143,4 +182,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             if handler.unary_stream
             else grpc.stream_stream_rpc_method_handler
         )
-        return make_stream(stream, handler.request_deserializer, handler.response_serializer)
+        stream_deserializer = (
+            handler.request_deserializer if handler.stream_stream else _lenient(handler.request_deserializer)
+        )
+        return make_stream(stream, stream_deserializer, handler.response_serializer)

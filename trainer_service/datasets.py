@@ -190,14 +190,16 @@ def _read_jsonl(path: Path) -> list[Any]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 rows.append(_Unparsable(f"not valid JSON: {error.msg} at column {error.colno}"))
+            except (ValueError, RecursionError) as error:  # too deep, too many digits
+                rows.append(_Unparsable(f"not readable JSON: {type(error).__name__}"))
     return rows
 
 
 def _read_json(path: Path) -> list[Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        # Many ".json" datasets are JSON Lines.
+    except (ValueError, RecursionError):
+        # Many ".json" datasets are JSON Lines (junk is reported row by row there).
         return _read_jsonl(path)
     if isinstance(data, list):
         return data
@@ -220,12 +222,16 @@ def _read_parquet(path: Path) -> list[Any]:
 
 def _read_file(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    if suffix in readers:
+        try:
+            return readers[suffix](path)
+        except (ValueError, OSError) as error:  # bad UTF-8, corrupt parquet (ArrowInvalid)
+            raise InvalidArgument(
+                f"{path.name} cannot be read as a {suffix} dataset: {str(error)[:200]}",
+                reason="INVALID_DATASET_FILE",
+                violations=[FieldViolation("dataset.source", f"not a readable {suffix} file")],
+            ) from error
     raise InvalidArgument(
         f"{path.name}: unsupported dataset file; use .jsonl, .json or .parquet",
         reason="UNSUPPORTED_DATASET_FILE",

@@ -68,6 +68,15 @@ def read_json(path: Path, *, base: Path | None = None) -> Any:
             reason="CORRUPT_JSON",
             metadata={"file": name, "line": exc.lineno, "column": exc.colno},
         ) from exc
+    except (RecursionError, ValueError) as exc:
+        # Nesting deeper than the parser's recursion limit, or an integer over Python's
+        # digit limit: still a file we cannot read, not a server fault.
+        raise InvalidArgument(
+            f"{name} is not JSON this catalog can read ({type(exc).__name__}: {str(exc)[:120]}); "
+            "fix or replace the file.",
+            reason="CORRUPT_JSON",
+            metadata={"file": name},
+        ) from exc
 
 
 def read_json_object(path: Path, *, base: Path | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the file, so nothing is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections import Counter
@@ -175,7 +176,9 @@ def detect_gguf(path: Path) -> GgufDetection:
         ):
             value = number(key)
             if value is not None:
-                setattr(llm, attribute, value)
+                # Over the field's int32/int64 range: left unknown.
+                with contextlib.suppress(ValueError):
+                    setattr(llm, attribute, value)
         scaling_type = _field(reader, f"{arch}.rope.scaling.type")
         if isinstance(scaling_type, str) and scaling_type not in ("", "none"):
             llm.rope_scaling.type = scaling_type

@@ -365,7 +365,7 @@ def _kohya_trigger_words(metadata: dict[str, str]) -> list[str]:
         return []
     try:
         frequencies = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, too deep, too many digits
         return []
     counts: Counter[str] = Counter()
     if isinstance(frequencies, dict):

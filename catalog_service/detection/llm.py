@@ -9,6 +9,7 @@ transformers are never reported as facts of the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -407,7 +408,9 @@ def detect_llm(folder: Path) -> model_pb2.LlmConfig:
 def _set_int(message: Any, field: str, value: Any) -> None:
     number = as_int(value)
     if number is not None and number >= 0:
-        setattr(message, field, number)
+        # A value over the field's int32/int64 range is as unknown as a missing one.
+        with contextlib.suppress(ValueError):
+            setattr(message, field, number)
 
 
 # --------------------------------------------------------------------------- adapters

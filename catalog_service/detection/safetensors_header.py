@@ -177,8 +177,8 @@ def read_header(path: Path, *, base: Path | None = None) -> SafetensorsHeader:
         raise _corrupt(path, f"it cannot be read ({exc.strerror or exc})", base) from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"the header is not valid JSON ({exc})", base) from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, too many digits
+        raise _corrupt(path, f"the header is not valid JSON ({str(exc)[:200]})", base) from exc
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object", base)
 

@@ -605,4 +605,8 @@ def _sample(raw: torch.Tensor, state: _RequestState, seq: _Sequence) -> int:
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        # Extreme but valid values (temperature 1e-300, penalties 1e300) overflow the
+        # logits: take their limit, the most likely token, rather than fail the request.
+        return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
     return int(torch.multinomial(probs, 1, generator=state.generator))
