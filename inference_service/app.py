@@ -186,14 +186,21 @@ class InferenceApp:
         await self.registration.start()
 
     def _describe(self, port: int) -> worker_pb2.Worker:
+        """The worker as registered: capabilities plus what it runs now, in one atomic write."""
         spec = self.primary_spec
-        return worker_pb2.Worker(
+        beat = self._heartbeat()
+        worker = worker_pb2.Worker(
             display_name=f"inference ({spec.capabilities.engine})",
             address=self.settings.resolved_advertise_address(port),
             role=worker_pb2.WORKER_ROLE_INFERENCE,
             capabilities=spec.capabilities,
             device=spec.device,
+            loaded_models=beat.loaded_models,
+            load=beat.load,
         )
+        if beat.HasField("free_memory_bytes"):
+            worker.device.free_memory_bytes = beat.free_memory_bytes
+        return worker
 
     def _heartbeat(self) -> catalog_service_pb2.HeartbeatRequest:
         assert self.manager is not None
