@@ -15,13 +15,14 @@ Driver errors that mean "the database cannot be reached or is busy"
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Engine, create_engine, event, exc, text
+from sqlalchemy import DateTime, Dialect, Engine, MetaData, create_engine, event, exc, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -204,3 +205,65 @@ class Migrations:
         from alembic.script import ScriptDirectory
 
         return ScriptDirectory.from_config(self.config("sqlite://")).get_current_head()
+
+
+def run_alembic_env(metadata: MetaData, url_env: str, version_table: str = "alembic_version") -> None:
+    """The body of a service's `migrations/env.py`.
+
+    `Migrations.upgrade()` hands a connection in `config.attributes`; the
+    `alembic` command line gives a URL with `-x url=...`, the `url_env`
+    variable or `sqlalchemy.url` in alembic.ini. SQLite runs in batch mode so
+    ALTERs work there too. Autogenerate looks only at this service's tables and
+    each service keeps its own version table, so services can share a database.
+    """
+    from alembic import context
+
+    config = context.config
+
+    def url() -> str:
+        found = (
+            context.get_x_argument(as_dictionary=True).get("url")
+            or os.environ.get(url_env)
+            or config.get_main_option("sqlalchemy.url")
+        )
+        if not found:
+            raise SystemExit(f"no database URL: pass -x url=... or set {url_env}")
+        return normalize_url(found).render_as_string(hide_password=False)
+
+    def own_tables(name: str | None, type_: str, parent_names: Any) -> bool:
+        return type_ != "table" or name in metadata.tables
+
+    def run(connection: Connection) -> None:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            compare_type=True,
+            version_table=version_table,
+            include_name=own_tables,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    if context.is_offline_mode():  # `alembic upgrade head --sql`: emit SQL to stdout
+        context.configure(
+            url=url(),
+            target_metadata=metadata,
+            literal_binds=True,
+            dialect_opts={"paramstyle": "named"},
+            version_table=version_table,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run(connection)
+        return
+    engine = make_engine(url(), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            run(conn)
+            conn.commit()
+    finally:
+        engine.dispose()
