@@ -20,7 +20,6 @@ from inference_service.engines.base import (
 from inference_service.engines.image_base import ImageRequest, ImageResult
 from inference_service.metrics import InferenceMetrics
 from inference_service.models import LoadedImageModel, LoadedModel, ModelManager
-from inference_service.sampling import validate_sampling
 from modelyard.inference.v1 import inference_service_pb2 as pb
 from modelyard.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -160,22 +159,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         add_special_tokens: bool = True,
     ) -> tuple[LoadedModel, EngineRequest]:
         loaded, adapter_id = await self.manager.target(model, adapter)
-        engine = loaded.engine
-        spec = loaded.defaults.apply(sampling_spec(sampling))
-        if prompt_token_ids is None:
-            prompt_token_ids = engine.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
-        validate_sampling(
-            spec,
-            max_model_len=engine.max_model_len,
-            prompt_tokens=len(prompt_token_ids),
-            vocab_size=engine.tokenizer.vocab_size,
-        )
+        # The engine tokenizes a text prompt and validates the request (sampling ranges,
+        # prompt ids, context length) when its stream starts: not done twice here.
         request = EngineRequest(
             request_id=request_id or uuid.uuid4().hex,
+            prompt=(prompt or "") if prompt_token_ids is None else None,
             prompt_token_ids=prompt_token_ids,
-            sampling=spec,
+            sampling=loaded.defaults.apply(sampling_spec(sampling)),
             adapter_id=adapter_id,
             structured_output=structured_spec(structured),
+            add_special_tokens=add_special_tokens,
         )
         return loaded, request
 
