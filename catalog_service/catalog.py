@@ -26,19 +26,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog_service import compatibility, ranking, sources, validation
 from catalog_service.detection import detect
 from catalog_service.detection import missing_fields as detection_missing_fields
+from catalog_service.dry_run import DryRun
 from catalog_service.events import ModelEvents
 from catalog_service.hashing import hash_files
+from catalog_service.outcome_store import MAX_ENGINE_BYTES, MAX_ETAG_BYTES, MAX_MESSAGE_CHARS, OutcomeStore
 from catalog_service.settings import CatalogSettings
-from catalog_service.store import CatalogStore
+from catalog_service.store import CatalogStore, _check_bytes, _check_enum
 from modelyard.catalog.v1 import catalog_service_pb2, model_pb2, worker_pb2
 from server_kit import errors
+from server_kit.security import NAME_FIELD_BYTES
 
 log = logging.getLogger("modelyard.catalog")
 
@@ -69,6 +72,59 @@ def worker_id_of(name: str, field_name: str = "name") -> str:
     return worker_id
 
 
+def normalized_outcome(outcome: worker_pb2.EngineOutcome) -> worker_pb2.EngineOutcome:
+    """A copy of a reported engine outcome, checked and tidied for storage.
+
+    INVALID_ARGUMENT (with field violations) for a missing `engine`, an enum
+    number the contract does not define (`device_type`, `stage`) and key strings
+    over their bounds or with a NUL (PostgreSQL text cannot hold one);
+    `message` is cut to `MAX_MESSAGE_CHARS` (an engine's traceback may be
+    long), `worker` gets its `workers/` prefix, and `report_time` is left to
+    the store.
+    """
+    entry = worker_pb2.EngineOutcome()
+    entry.CopyFrom(outcome)
+    entry.engine = entry.engine.strip()
+    if not entry.engine:
+        raise errors.InvalidArgument(
+            "outcome.engine is required (the engine that tried the model, e.g. vllm)",
+            reason="MISSING_FIELD",
+            violations=[errors.FieldViolation("outcome.engine", "required")],
+        )
+    _check_bytes("outcome.engine", entry.engine, MAX_ENGINE_BYTES)
+    _check_bytes("outcome.engine_version", entry.engine_version, MAX_ENGINE_BYTES)
+    _check_bytes("outcome.model_etag", entry.model_etag, MAX_ETAG_BYTES)
+    _check_enum(worker_pb2.DeviceType, entry.device_type, "outcome.device_type")
+    _check_enum(worker_pb2.EngineOutcomeStage, entry.stage, "outcome.stage")
+    if entry.worker and not entry.worker.startswith("workers/"):
+        entry.worker = "workers/" + entry.worker
+    _check_bytes("outcome.worker", entry.worker, NAME_FIELD_BYTES)
+    for name in ("engine", "engine_version", "model_etag", "worker"):
+        if "\x00" in getattr(entry, name):
+            raise errors.InvalidArgument(
+                f"outcome.{name} contains a NUL character",
+                violations=[errors.FieldViolation(f"outcome.{name}", "no NUL characters")],
+            )
+    if len(entry.message) > MAX_MESSAGE_CHARS:
+        entry.message = entry.message[: MAX_MESSAGE_CHARS - 4] + " ..."
+    entry.ClearField("report_time")
+    return entry
+
+
+def _memoized(
+    lookup: Callable[[str], list[worker_pb2.EngineOutcome]],
+) -> Callable[[str], list[worker_pb2.EngineOutcome]]:
+    """`lookup` with its answers kept for one request (rules ask once per worker and engine)."""
+    answers: dict[str, list[worker_pb2.EngineOutcome]] = {}
+
+    def cached(name: str) -> list[worker_pb2.EngineOutcome]:
+        if name not in answers:
+            answers[name] = lookup(name)
+        return answers[name]
+
+    return cached
+
+
 @dataclass
 class ImportOptions:
     """What an import request asks for besides the source."""
@@ -87,11 +143,19 @@ class Catalog:
     """Models and workers: the operations behind CatalogService."""
 
     def __init__(
-        self, store: CatalogStore, settings: CatalogSettings, events: ModelEvents | None = None
+        self,
+        store: CatalogStore,
+        settings: CatalogSettings,
+        events: ModelEvents | None = None,
+        *,
+        outcomes: OutcomeStore | None = None,
+        dry_run: DryRun | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.events = events or ModelEvents()
+        self.outcomes = outcomes or OutcomeStore.of(store)
+        self.dry_run = dry_run or DryRun(tls=settings.client_tls(), token=settings.service_token or None)
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -398,13 +462,27 @@ class Catalog:
         return await asyncio.to_thread(self.store.list_workers, page_size, page_token, filter)
 
     async def check_compatibility(
-        self, model_name: str, *, worker: str = "", engine_spec: worker_pb2.EngineSpec | None = None
+        self,
+        model_name: str,
+        *,
+        worker: str = "",
+        engine_spec: worker_pb2.EngineSpec | None = None,
+        dry_run: bool = False,
     ) -> worker_pb2.CompatibilityReport:
+        """The model against a registered worker or an engine spec, rule by rule.
+
+        With `dry_run` (registered inference workers only), the worker is first
+        asked to validate the model with its engines (`catalog_service.dry_run`);
+        it records their outcomes here before it answers, so the `observed` rule
+        sees them, and its answer is added as a `dry_run` result.
+        """
         model = await self.get_model(model_id_of(model_name, "model"))
         target: worker_pb2.Worker | worker_pb2.EngineSpec
         if worker:
             target = await self.get_worker(worker)
         elif engine_spec is not None:
+            if dry_run:
+                raise _dry_run_refused("an engine_spec is not a worker that can be asked; name a worker")
             target = engine_spec
         else:
             raise errors.InvalidArgument(
@@ -412,17 +490,68 @@ class Catalog:
                 reason="MISSING_FIELD",
                 violations=[errors.FieldViolation("target", "set worker or engine_spec")],
             )
-        return await asyncio.to_thread(compatibility.check, model, target, lookup_model=self._lookup)
+        tried: worker_pb2.RuleResult | None = None
+        if dry_run and isinstance(target, worker_pb2.Worker):
+            if target.role != worker_pb2.WORKER_ROLE_INFERENCE:
+                role = worker_pb2.WorkerRole.Name(target.role).removeprefix("WORKER_ROLE_").lower()
+                raise _dry_run_refused(
+                    f"{target.name} is a {role} worker; only inference workers dry-run models"
+                )
+            tried = await self.dry_run.run(target, model.name)
+        report = await asyncio.to_thread(
+            compatibility.check,
+            model,
+            target,
+            lookup_model=self._lookup,
+            lookup_outcomes=_memoized(self._outcomes_of),
+        )
+        if tried is not None:
+            report.results.append(tried)
+            report.verdict = compatibility.verdict_of(report.results)
+        return report
 
     async def find_workers(
         self, model_name: str, role: worker_pb2.WorkerRole.ValueType
     ) -> catalog_service_pb2.FindWorkersResponse:
         model = await self.get_model(model_id_of(model_name, "model"))
         workers = await asyncio.to_thread(self.store.all_workers)
-        matches, rejected = await asyncio.to_thread(ranking.rank, model, workers, role or None, self._lookup)
+        matches, rejected = await asyncio.to_thread(
+            ranking.rank,
+            model,
+            workers,
+            role or None,
+            self._lookup,
+            lookup_outcomes=_memoized(self._outcomes_of),
+        )
         response = catalog_service_pb2.FindWorkersResponse()
         for worker, report in matches:
             response.matches.add(worker=worker, report=report)
         for worker, report in rejected:
             response.rejected.add(worker=worker, report=report)
         return response
+
+    # ---- engine outcomes ----------------------------------------------------------------------
+
+    async def report_engine_outcome(
+        self, model_name: str, outcome: worker_pb2.EngineOutcome
+    ) -> worker_pb2.EngineOutcome:
+        """Record what an engine did with a model (latest per engine, version and device type).
+
+        The outcome is checked (`normalized_outcome`); without a `model_etag`
+        it is recorded for the model's current etag. NOT_FOUND for an unknown model.
+        """
+        model_id = model_id_of(model_name, "model")
+        entry = normalized_outcome(outcome)
+        return await asyncio.to_thread(self.outcomes.record_outcome, model_id, entry)
+
+    def _outcomes_of(self, name: str) -> list[worker_pb2.EngineOutcome]:
+        """Blocking lookup used by the `observed` rule: the outcomes recorded for model `name`."""
+        return self.outcomes.outcomes_for(name.removeprefix("models/"))
+
+
+def _dry_run_refused(why: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        f"dry_run needs a registered inference worker: {why}",
+        reason="DRY_RUN_UNSUPPORTED_TARGET",
+        violations=[errors.FieldViolation("dry_run", "only with a registered inference worker")],
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Engine,
     ForeignKey,
     Index,
@@ -134,6 +135,26 @@ class WorkerRow(Base):
     state: Mapped[str] = mapped_column(String(32))
     last_heartbeat_time: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    data: Mapped[str] = mapped_column(Text)
+
+
+class EngineOutcomeRow(Base):
+    """What an engine did when a worker tried a model: the latest report per
+    (model, engine, engine version, kind of device), key columns plus the full
+    `EngineOutcome` proto as JSON. Rows go with their model (ON DELETE CASCADE).
+    """
+
+    __tablename__ = "engine_outcomes"
+
+    model_pk: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    engine: Mapped[str] = mapped_column(String(256), primary_key=True)
+    engine_version: Mapped[str] = mapped_column(String(256), primary_key=True)
+    device_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    supported: Mapped[bool] = mapped_column(Boolean)
+    stage: Mapped[str] = mapped_column(String(32))
+    worker: Mapped[str] = mapped_column(Text)
+    model_etag: Mapped[str] = mapped_column(String(64))
+    report_time: Mapped[datetime] = mapped_column(UtcDateTime)
     data: Mapped[str] = mapped_column(Text)
 
 

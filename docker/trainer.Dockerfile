@@ -1,6 +1,6 @@
 # Modelyard trainer (CPU): fine-tuning jobs (LoRA, full, DPO) with transformers, peft and TRL.
 #   gRPC :50052 (grpc.health.v1 + reflection), Prometheus metrics :9092.
-# QLoRA needs CUDA (DESIGN.md §4): use docker/trainer.cuda.Dockerfile for GPU workers.
+# QLoRA needs CUDA (off CUDA, bitsandbytes computes wrong LoRA gradients): use docker/trainer.cuda.Dockerfile for GPU workers.
 #
 # Build from the repository root:
 #   docker build -f docker/trainer.Dockerfile -t modelyard/trainer:0.1.0 .

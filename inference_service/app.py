@@ -41,6 +41,7 @@ def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec
     for name in names:
         if name == "vllm":
             caps = capabilities.vllm_capabilities(max_lora_rank=settings.max_lora_rank)
+            caps.kv_cache_bytes = settings.kv_cache_memory_bytes
         elif name == "transformers":
             caps = capabilities.transformers_capabilities()
         elif name == "diffusers":
@@ -145,6 +146,7 @@ class InferenceApp:
             capabilities=spec.capabilities,
             device=spec.device,
             max_concurrent_requests=self.settings.max_concurrent_requests,
+            engines=[s.capabilities for s in self.specs.values()],
         )
 
     def add_to_server(self, server: aio.Server) -> None:
@@ -173,6 +175,7 @@ class InferenceApp:
         self._supervisor = asyncio.create_task(self.manager.supervise(self._report_health), name="engines")
         worker_id = self.settings.resolved_worker_id(port)
         self.servicer.server_info.worker_id = worker_id
+        self.manager.selector.worker_name = f"workers/{worker_id}"
         if not self.settings.catalog_address:
             return
         self.registration = WorkerRegistration(
@@ -189,11 +192,13 @@ class InferenceApp:
         """The worker as registered: capabilities plus what it runs now, in one atomic write."""
         spec = self.primary_spec
         beat = self._heartbeat()
+        engines = [s.capabilities for s in self.specs.values()]
         worker = worker_pb2.Worker(
-            display_name=f"inference ({spec.capabilities.engine})",
+            display_name=f"inference ({', '.join(e.engine for e in engines)})",
             address=self.settings.resolved_advertise_address(port),
             role=worker_pb2.WORKER_ROLE_INFERENCE,
             capabilities=spec.capabilities,
+            engines=engines if len(engines) > 1 else [],
             device=spec.device,
             loaded_models=beat.loaded_models,
             load=beat.load,

@@ -3,9 +3,11 @@
 `ModelManager` owns the engines of this server, one per loaded base model
 (`Engine` from `inference_service.engines`), and the LoRA adapters loaded onto
 them. Models are resolved through the catalog: the catalog entry gives the
-local path, the chat template and sampling defaults, and a compatibility
-check of the model against this worker's engine spec decides whether it may
-load (FAILED_PRECONDITION with every failing rule's message otherwise).
+local path, the chat template and sampling defaults. Which engine runs a model
+is `EngineSelector`'s answer (`inference_service.engine_selection`): the first
+of this server's engines whose compatibility check, dry run, load and first
+generation step all pass (FAILED_PRECONDITION with every engine's reason
+otherwise).
 
 Admission: at most `max_concurrent_requests` requests run at once; one more
 gets RESOURCE_EXHAUSTED at once rather than queueing without bound.
@@ -14,10 +16,14 @@ Engine failures (docs/reliability.md): `supervise` checks every engine twice a
 second. An engine that died (vLLM's EngineCore process killed, say) is dropped:
 its model is FAILED, the server's health turns NOT_SERVING, requests for it get
 UNAVAILABLE (`ENGINE_FAILED`) at once, and it is reloaded in the background with
-the same adapters and without asking the catalog (which may be down too). Once
-every model serves again, health is SERVING. After `RELOAD_ATTEMPTS` failed
-reloads the model stays FAILED (and health NOT_SERVING, so an orchestrator
-restarts the process); `LoadModel` retries, `UnloadModel` gives it up.
+the same adapters and without asking the catalog (which may be down too); a
+reload also runs the first generation step. Once every model serves again,
+health is SERVING. After `RELOAD_ATTEMPTS` failed reloads, with back-off, the
+model stays FAILED (and health NOT_SERVING, so an orchestrator restarts the
+process); `LoadModel` retries, `UnloadModel` gives it up. A reload whose first
+step fails because of the model (`ModelUnsupported`) is not retried: the model
+is dropped, its outcome reported, and the next request selects an engine anew
+(never the one that failed on it).
 """
 
 from __future__ import annotations
@@ -32,16 +38,14 @@ from pathlib import Path
 
 from clients.catalog import AsyncCatalogClient, model_name
 from clients.errors import ModelyardRpcError
-from inference_service.engines.base import Engine
+from inference_service.engine_selection import EngineFactory, EngineSelector
+from inference_service.engines.base import Engine, ModelUnsupported
 from inference_service.engines.image_base import ImageDefaults, ImageEngine
 from inference_service.sampling import GenerationDefaults
 from modelyard.catalog.v1 import model_pb2, worker_pb2
 from server_kit import errors
 
 log = logging.getLogger("modelyard.inference")
-
-EngineFactory = Callable[[str, Path, int | None], Engine]
-"""(engine name, model folder, max_model_len or None) -> a new, unstarted engine."""
 
 ImageEngineFactory = Callable[[model_pb2.Model], ImageEngine]
 """(catalog entry of a full image checkpoint) -> a new, unstarted image engine."""
@@ -65,6 +69,8 @@ class LoadedModel:
     adapters: dict[str, model_pb2.Model] = field(default_factory=dict)
     max_model_len: int | None = None
     """The context cap it was loaded with (None: the model's)."""
+    outcomes: list[worker_pb2.EngineOutcome] = field(default_factory=list)
+    """What each engine tried said when it was loaded (see `EngineSelector`)."""
 
 
 @dataclass
@@ -124,11 +130,6 @@ def image_adapter_mismatch(model: model_pb2.Model, adapter: model_pb2.Model) -> 
     )
 
 
-def failing_rules(report: worker_pb2.CompatibilityReport) -> list[str]:
-    """The messages of the failed rules of a report."""
-    return [f"{r.rule}: {r.message}" for r in report.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
-
-
 class ModelManager:
     """The engines of this server, keyed by catalog model name."""
 
@@ -146,7 +147,9 @@ class ModelManager:
         self.catalog = catalog
         self.engine_specs = engine_specs
         self.engine_factory = engine_factory
-        self.preferred_engine = preferred_engine
+        self.selector = EngineSelector(
+            catalog, engine_specs, engine_factory, preferred_engine=preferred_engine
+        )
         self.load_on_first_use = load_on_first_use
         self.max_concurrent_requests = max_concurrent_requests
         self._loaded: dict[str, LoadedModel] = {}
@@ -199,27 +202,6 @@ class ModelManager:
                 f"catalog lookup of {name} failed: {error.message}", reason="CATALOG_UNAVAILABLE"
             ) from None
 
-    async def _choose_engine(self, model: model_pb2.Model) -> str:
-        """The engine to serve `model` with: the configured one, or in `auto` the first compatible."""
-        assert self.catalog is not None
-        candidates = list(self.engine_specs) if self.preferred_engine == "auto" else [self.preferred_engine]
-        reasons: list[str] = []
-        for engine in candidates:
-            spec = self.engine_specs.get(engine)
-            if spec is None:
-                raise errors.FailedPrecondition(
-                    f"engine {engine} is not available here", reason="ENGINE_UNAVAILABLE"
-                )
-            report = await self.catalog.check_compatibility(model.name, engine_spec=spec)
-            if report.verdict != worker_pb2.VERDICT_INCOMPATIBLE:
-                return engine
-            reasons.extend(f"[{engine}] {m}" for m in failing_rules(report))
-        raise errors.FailedPrecondition(
-            f"{model.name} cannot run on this worker: " + "; ".join(reasons),
-            reason="MODEL_INCOMPATIBLE",
-            metadata={"model": model.name},
-        )
-
     # ---- load / unload ------------------------------------------------------------------------
 
     async def load(self, name: str, *, max_model_len: int | None = None) -> LoadedModel:
@@ -249,16 +231,48 @@ class ModelManager:
                 )
             if model.HasField("llm") and model.llm.HasField("adapter"):
                 return await self._load_adapter(model)
-            engine_name = await self._choose_engine(model)
-            engine = self.engine_factory(engine_name, Path(model.local_path), max_model_len)
             started = time.perf_counter()
-            await engine.start()
+            selection = await self.selector.start(model, max_model_len)
+            engine_name, engine = selection.engine_name, selection.engine
+            assert engine is not None
             loaded = LoadedModel(
-                model=model, engine=engine, defaults=_defaults_of(model), max_model_len=max_model_len
+                model=model,
+                engine=engine,
+                defaults=_defaults_of(model),
+                max_model_len=max_model_len,
+                outcomes=selection.outcomes,
             )
             self._loaded[name] = loaded
             log.info("loaded %s on %s in %.1f s", name, engine_name, time.perf_counter() - started)
             return loaded
+
+    async def validate(
+        self, name: str, *, max_model_len: int | None = None
+    ) -> tuple[str, str, list[worker_pb2.EngineOutcome]]:
+        """`LoadModel(validate_only)`: (the model that would be loaded, for an adapter its base;
+        the engine that would serve it; what each engine's dry run said). Nothing is loaded."""
+        name = model_name(name)
+        for loaded in self._loaded.values():
+            if name == loaded.model.name or name in loaded.adapters:
+                return loaded.model.name, loaded.engine.name, []
+        model = await self._catalog_model(name)
+        if model.state != model_pb2.MODEL_STATE_READY:
+            raise errors.FailedPrecondition(
+                f"{name} is {model_pb2.ModelState.Name(model.state)}, not READY", reason="MODEL_NOT_READY"
+            )
+        if model.WhichOneof("config") == "image":
+            return name, await self.selector.check_rules(model), []
+        if model.HasField("llm") and model.llm.HasField("adapter"):
+            base_name = model.llm.adapter.base_model or model.parent
+            if not base_name:
+                raise errors.FailedPrecondition(
+                    f"adapter {name} has no base model in the catalog; import its base first",
+                    reason="ADAPTER_BASE_UNKNOWN",
+                )
+            return await self.validate(base_name, max_model_len=max_model_len)
+        selection = await self.selector.validate(model, max_model_len)
+        assert selection.engine_name is not None
+        return name, selection.engine_name, selection.outcomes
 
     async def _load_adapter(self, adapter: model_pb2.Model) -> LoadedModel:
         base_name = adapter.llm.adapter.base_model or adapter.parent
@@ -410,6 +424,13 @@ class ModelManager:
         for attempt in range(1, RELOAD_ATTEMPTS + 1):
             try:
                 await self._reload(failed.loaded)
+            except ModelUnsupported as exc:
+                # The model kills this engine at its first step: reloading it again would
+                # crash again. Drop it; the next request selects an engine anew.
+                self._failed.pop(name, None)
+                await self.selector.record_unsupported(failed.loaded.model, exc)
+                log.error("%s: %s; not reloaded on %s", name, exc.message, exc.engine)
+                return
             except Exception as exc:
                 failed.message = f"the engine serving {name} died and reload {attempt} failed: {exc}"
                 log.warning("%s", failed.message)
@@ -430,6 +451,7 @@ class ModelManager:
             engine = self.engine_factory(old.engine.name, Path(old.model.local_path), old.max_model_len)
             try:
                 await engine.start()
+                await engine.first_step()
                 for adapter_name, adapter in old.adapters.items():
                     await engine.add_adapter(adapter_name, Path(adapter.local_path))
             except BaseException:
@@ -523,7 +545,7 @@ class ModelManager:
                     reason="NOT_A_PIPELINE",
                     metadata={"model": name},
                 )
-            engine_name = await self._choose_engine(model)
+            engine_name = await self.selector.check_rules(model)
             if self.image_engine_factory is None:
                 raise errors.FailedPrecondition(
                     f"engine {engine_name} cannot serve image models here", reason="ENGINE_UNAVAILABLE"

@@ -290,8 +290,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.LoadModelRequest, context: aio.ServicerContext
     ) -> pb.LoadModelResponse:
         max_len = request.max_model_len if request.HasField("max_model_len") else None
+        if request.validate_only:
+            model, engine, outcomes = await self.manager.validate(request.model, max_model_len=max_len)
+            return pb.LoadModelResponse(
+                loaded_model=pb.LoadedModel(model=model, engine=engine), outcomes=outcomes
+            )
         loaded = await self.manager.load_any(request.model, max_model_len=max_len)
-        return pb.LoadModelResponse(loaded_model=loaded_model_proto(loaded))
+        outcomes = loaded.outcomes if isinstance(loaded, LoadedModel) else []
+        return pb.LoadModelResponse(loaded_model=loaded_model_proto(loaded), outcomes=outcomes)
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: aio.ServicerContext

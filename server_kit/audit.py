@@ -2,11 +2,12 @@
 
 `server_kit.security.SecurityInterceptor` writes an `AuditEntry` for every call
 of an RPC that needs the `worker` or `admin` role (import, create, update and
-delete a model, register and deregister a worker, create and cancel a training
-job, load and unload a model), including calls refused for missing or
-insufficient credentials. A successful `Heartbeat` is not written: workers send
-one every few seconds, and registration and deregistration already say when a
-worker came and went; a refused or failed heartbeat is written.
+delete a model, register and deregister a worker, report an engine outcome,
+create and cancel a training job, load and unload a model), including calls
+refused for missing or insufficient credentials. A successful `Heartbeat` is
+not written: workers send one every few seconds, and registration and
+deregistration already say when a worker came and went; a refused or failed
+heartbeat is written.
 
 A line holds the time (UTC), the RPC, the resource it named, the caller (token
 name and role, client-certificate subject, peer address), the request id and

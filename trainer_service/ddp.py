@@ -9,7 +9,7 @@ worker (`trainer_service.worker`) on its own copy of the spec; transformers'
 Trainer sees torchrun's environment and trains with DistributedDataParallel
 (NCCL on GPUs, one rank per GPU; gloo on the CPU). `accelerate launch --multi_gpu`
 would do the same; `accelerate launch --cpu --num_processes N` silently runs
-one process (DESIGN.md §4), so torchrun it is.
+only one process (no DDP at all), so torchrun it is.
 
 What differs from a single worker:
 

@@ -12,8 +12,16 @@ Engines are data: one module per engine under `engines/` builds an
 `transformers`, `peft`, `diffusers`, `llama-cpp`). A worker whose engine is not
 registered gets a report whose `engine` rule FAILs.
 
+A worker may run several engines (`Worker.engines`, in order of preference,
+e.g. vLLM then transformers). Its report is the report of the first engine
+that can run the model; the `engine` rule then says which engine that is and,
+when it is not the first, why the preferred ones cannot (their reports are in
+`other_engines`).
+
 Pure domain code: no gRPC and no store. The catalog passes `lookup_model`
-(name -> Model or None) so that an adapter's base model can be found.
+(name -> Model or None) so that an adapter's base model can be found, and
+`lookup_outcomes` (name -> what engines did when workers tried the model) for
+the `observed` rule.
 """
 
 from __future__ import annotations
@@ -23,15 +31,18 @@ from catalog_service.compatibility.rules import (
     COMMON_RULES,
     FAIL,
     SKIP,
+    WARN,
     CompatibilityReport,
     Context,
     EngineSpec,
     EngineTable,
     Model,
     ModelLookup,
+    OutcomeLookup,
     RuleResult,
     Target,
     Worker,
+    first_failure,
     verdict_of,
 )
 from modelyard.catalog.v1 import worker_pb2
@@ -68,15 +79,51 @@ def check(
     role: worker_pb2.WorkerRole.ValueType | None = None,
     lookup_model: ModelLookup | None = None,
     training_method: str | None = None,
+    lookup_outcomes: OutcomeLookup | None = None,
 ) -> CompatibilityReport:
     """Check whether `model` can run on `target` (a registered worker or an engine spec), rule by rule.
 
     `role` is the role the caller needs (any when None or unspecified);
     `lookup_model` finds catalog models by name (an adapter's base);
-    `training_method` (`lora`, `qlora`, `full`, `dpo`) narrows the training rules.
+    `training_method` (`lora`, `qlora`, `full`, `dpo`) narrows the training rules;
+    `lookup_outcomes` gives what engines did when workers tried a model (the `observed` rule).
     """
     requested = role or None
-    return _check(model, Target.of(target), requested, lookup_model, training_method, frozenset())
+    targets = Target.all_of(target)
+    reports = [
+        _check(model, one, requested, lookup_model, training_method, frozenset(), lookup_outcomes)
+        for one in targets
+    ]
+    if len(reports) == 1:
+        return reports[0]
+    return _choose(reports)
+
+
+def _choose(reports: list[CompatibilityReport]) -> CompatibilityReport:
+    """The report of the first engine that can run the model (the first engine's when none can),
+    with the others in `other_engines` and the `engine` rule saying what was chosen and why."""
+    chosen = next((r for r in reports if r.verdict != worker_pb2.VERDICT_INCOMPATIBLE), reports[0])
+    index = reports.index(chosen)
+    report = CompatibilityReport()
+    report.CopyFrom(chosen)
+    report.other_engines.extend(r for r in reports if r is not chosen)
+    skipped_over = reports[:index]
+    if skipped_over and report.results and report.results[0].rule == "engine":
+        why = "; ".join(
+            f"{r.engine} cannot run it ({failure.rule}: {failure.message})"
+            for r in skipped_over
+            if (failure := first_failure(r)) is not None
+        )
+        engine = report.results[0]
+        engine.outcome = WARN
+        engine.message = (
+            f"{engine.message}, this worker's fallback engine: {why}; "
+            f"served by {chosen.engine}, which is slower"
+        )
+        report.verdict = verdict_of(report.results)
+    elif report.verdict != worker_pb2.VERDICT_INCOMPATIBLE and len(reports) > 1:
+        report.results[0].message += " (this worker's preferred engine)"
+    return report
 
 
 def _check(
@@ -86,6 +133,7 @@ def _check(
     lookup_model: ModelLookup | None,
     training_method: str | None,
     visited: frozenset[str],
+    lookup_outcomes: OutcomeLookup | None = None,
 ) -> CompatibilityReport:
     report = CompatibilityReport(model=model.name, worker=target.name, engine=target.engine)
     table = engines.get(target.engine)
@@ -107,7 +155,7 @@ def _check(
         return report
 
     def check_other(other: Model) -> CompatibilityReport:
-        return _check(other, target, role, lookup_model, None, visited | {model.name})
+        return _check(other, target, role, lookup_model, None, visited | {model.name}, lookup_outcomes)
 
     ctx = Context(
         model=model,
@@ -119,6 +167,7 @@ def _check(
         lookup_model=lookup_model,
         check_other=check_other,
         visited=visited,
+        lookup_outcomes=lookup_outcomes,
     )
     kind_failed = False
     for rule in (*COMMON_RULES, *table.extra_rules):

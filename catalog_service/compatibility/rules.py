@@ -54,6 +54,8 @@ EngineSpec = worker_pb2.EngineSpec
 CompatibilityReport = worker_pb2.CompatibilityReport
 RuleResult = worker_pb2.RuleResult
 ModelLookup = Callable[[str], "model_pb2.Model | None"]
+EngineOutcome = worker_pb2.EngineOutcome
+OutcomeLookup = Callable[[str], "Sequence[worker_pb2.EngineOutcome]"]
 
 PASS = worker_pb2.RULE_OUTCOME_PASS
 WARN = worker_pb2.RULE_OUTCOME_WARN
@@ -144,6 +146,9 @@ class EngineTable:
     architecture_hint: str = ""
     #: Engine-specific rules evaluated after the common ones.
     extra_rules: tuple[Rule, ...] = ()
+    #: FindWorkers prefers engines with a lower number when several can run a model
+    #: (vLLM before llama.cpp before transformers).
+    preference: int = 50
 
     @property
     def rule_names(self) -> list[str]:
@@ -171,6 +176,14 @@ class Target:
             return cls(target.name, target.role, target.capabilities, device, frozenset(loaded))
         return cls("", target.role, target.capabilities, device, frozenset())
 
+    @classmethod
+    def all_of(cls, target: Worker | EngineSpec) -> list[Target]:
+        """One target per engine of a worker that lists several (`Worker.engines`), else just `of`."""
+        first = cls.of(target)
+        if not isinstance(target, worker_pb2.Worker) or len(target.engines) < 2:
+            return [first]
+        return [dataclasses.replace(first, capabilities=engine) for engine in target.engines]
+
     @property
     def engine(self) -> str:
         """Engine name as the worker reported it."""
@@ -197,6 +210,8 @@ class Context:
     #: Checks another model (an adapter's base) on the same target.
     check_other: Callable[[Model], CompatibilityReport] | None = None
     visited: frozenset[str] = field(default_factory=frozenset)
+    #: What engines did with a model when workers tried it (model name -> outcomes).
+    lookup_outcomes: OutcomeLookup | None = None
 
     # -- the model -----------------------------------------------------------
 
@@ -498,7 +513,7 @@ def kv_cache_bytes(llm: model_pb2.LlmConfig, tokens: int) -> int | None:
         return None
     if llm.num_attention_heads <= 0:
         return None
-    head_dim = llm.hidden_size // llm.num_attention_heads
+    head_dim = llm.head_dim if llm.HasField("head_dim") else llm.hidden_size // llm.num_attention_heads
     kv_heads = llm.num_key_value_heads if llm.HasField("num_key_value_heads") else llm.num_attention_heads
     dtype_bytes = 4 if llm.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32") else 2
     return 2 * llm.num_layers * kv_heads * head_dim * tokens * dtype_bytes
@@ -933,6 +948,94 @@ def rule_training_method(ctx: Context) -> Finding:
     return passed(f"can train with: {', '.join(usable)}")
 
 
+def _dtype_key(name: str) -> str:
+    """`torch.bfloat16`, `bf16` and `BFloat16` all become `bfloat16`."""
+    text = name.strip().lower().removeprefix("torch.")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+    return aliases.get(text, text)
+
+
+def rule_attention(ctx: Context) -> Finding:
+    """The model's attention head size and dtype against what the engine's attention backend
+    reports it accepts on this device (`attention_head_sizes`, `dtypes` of the worker)."""
+    llm = ctx.llm
+    if llm is None:
+        return skipped(f"{kind_label(ctx.kind)} models are not checked for attention kernels")
+    if ctx.is_adapter:
+        return skipped("LoRA adapter: its base model's attention is checked (see lora)")
+    caps = ctx.target.capabilities
+    engine = ctx.target.engine_label
+    sizes = sorted(set(caps.attention_head_sizes))
+    dtypes = [_dtype_key(d) for d in caps.dtypes]
+    notes: list[str] = []
+    if sizes:
+        if not llm.HasField("head_dim"):
+            return warned(
+                f"model's attention head size is unknown; {engine} accepts head sizes "
+                f"{', '.join(map(str, sizes))} on this device"
+            )
+        if llm.head_dim not in sizes:
+            return failed(
+                f"attention head size {llm.head_dim} is not supported by {engine}'s attention on this device "
+                f"(it accepts {', '.join(map(str, sizes))}); another engine (transformers) can serve it"
+            )
+        notes.append(f"head size {llm.head_dim}")
+    model_dtype = _dtype_key(llm.dtype) if llm.dtype else ""
+    if dtypes and model_dtype and model_dtype in _DTYPE_BYTES and model_dtype not in dtypes:
+        return warned(
+            f"weights are {model_dtype}; {engine} computes in {', '.join(dtypes)} on this device, "
+            f"so they are cast to {dtypes[0]}"
+        )
+    if model_dtype and dtypes:
+        notes.append(model_dtype)
+    if not notes:
+        return skipped(f"{engine} reports no attention limits on this device")
+    return passed(f"{engine} accepts {' and '.join(notes)} on this device")
+
+
+def _outcome_applies(ctx: Context, outcome: EngineOutcome) -> bool:
+    caps = ctx.target.capabilities
+    device = ctx.target.device
+    return (
+        outcome.engine == caps.engine
+        and outcome.engine_version == caps.engine_version
+        and (device is None or outcome.device_type in (device.type, worker_pb2.DEVICE_TYPE_UNSPECIFIED))
+        and (not outcome.model_etag or outcome.model_etag == ctx.model.etag)
+    )
+
+
+_STAGE_LABELS = {
+    worker_pb2.ENGINE_OUTCOME_STAGE_DRY_RUN: "its dry run",
+    worker_pb2.ENGINE_OUTCOME_STAGE_LOAD: "load",
+    worker_pb2.ENGINE_OUTCOME_STAGE_FIRST_STEP: "its first generation step",
+}
+_STAGE_VERBS = {
+    worker_pb2.ENGINE_OUTCOME_STAGE_DRY_RUN: "validated",
+    worker_pb2.ENGINE_OUTCOME_STAGE_LOAD: "loaded",
+    worker_pb2.ENGINE_OUTCOME_STAGE_FIRST_STEP: "loaded and generated with",
+}
+
+
+def rule_observed(ctx: Context) -> Finding:
+    """What this engine (same version, same kind of device) did when a worker tried the model:
+    a model-caused failure FAILs until the model or the engine version changes."""
+    if ctx.lookup_outcomes is None or not ctx.model.name:
+        return skipped("no record of engines trying this model was consulted")
+    engine = ctx.target.engine_label
+    outcomes = [o for o in ctx.lookup_outcomes(ctx.model.name) if _outcome_applies(ctx, o)]
+    failure = next((o for o in outcomes if not o.supported), None)
+    if failure is not None:
+        where = _STAGE_LABELS.get(failure.stage, "a run")
+        by = f" on {failure.worker}" if failure.worker else ""
+        return failed(f"{engine} failed on this model at {where}{by}: {failure.message}")
+    success = next((o for o in outcomes if o.supported), None)
+    if success is not None:
+        verb = _STAGE_VERBS.get(success.stage, "ran")
+        by = f" on {success.worker}" if success.worker else ""
+        return passed(f"{engine} {verb} this model{by}")
+    return skipped(f"not tried on {engine} yet")
+
+
 COMMON_RULES: tuple[Rule, ...] = (
     Rule("engine", rule_engine),
     Rule("model_state", rule_model_state),
@@ -947,4 +1050,6 @@ COMMON_RULES: tuple[Rule, ...] = (
     Rule("trust_remote_code", rule_trust_remote_code),
     Rule("image_base_model", rule_image_base_model),
     Rule("training_method", rule_training_method),
+    Rule("attention", rule_attention),
+    Rule("observed", rule_observed),
 )

@@ -155,6 +155,17 @@ def config_value(config: Any | None, raw: dict[str, Any], standard: str, aliases
     return None
 
 
+def _head_dim(config: Any | None, raw: dict[str, Any], llm: model_pb2.LlmConfig) -> Any:
+    """`head_dim` as config.json states it (Gemma, Qwen3 ...), else hidden size / heads."""
+    stated = config_value(config, raw, "head_dim", ("attention_head_dim", "kv_channels"))
+    if stated is not None:
+        return stated
+    heads = llm.num_attention_heads if llm.HasField("num_attention_heads") else 0
+    if llm.HasField("hidden_size") and heads > 0 and llm.hidden_size % heads == 0:
+        return llm.hidden_size // heads
+    return None
+
+
 def _dtype_name(value: Any) -> str:
     if value is None:
         return ""
@@ -373,6 +384,8 @@ def detect_llm(folder: Path) -> model_pb2.LlmConfig:
     _set_int(llm, "num_key_value_heads", config_value(config, raw, "num_key_value_heads", KV_HEAD_KEYS))
     if not llm.HasField("num_key_value_heads") and raw.get("multi_query") is True:
         llm.num_key_value_heads = 1  # Falcon-style multi-query attention: one shared KV head
+    _set_int(llm, "head_dim", _head_dim(config, raw, llm))
+    _set_int(llm, "sliding_window", config_value(config, raw, "sliding_window"))
 
     rope = _rope_scaling(config, raw)
     if rope is not None:

@@ -216,7 +216,10 @@ def worker_rows(workers: Iterable[worker_pb2.Worker]) -> list[list[object]]:
             if device.memory_bytes
             else ""
         )
-        engine = " ".join(x for x in (worker.capabilities.engine, worker.capabilities.engine_version) if x)
+        engine = ", ".join(
+            " ".join(x for x in (caps.engine, caps.engine_version) if x)
+            for caps in (worker.engines or [worker.capabilities])
+        )
         rows.append(
             [
                 worker.name.removeprefix("workers/"),
@@ -262,6 +265,11 @@ def report_lines(match: catalog_service_pb2.WorkerMatch, heading: str) -> list[s
         for result in report.results:
             outcome = enum_label(worker_pb2.RuleOutcome.DESCRIPTOR, result.outcome)
             lines.append(f"     {outcome:<4}  {result.rule:<{width}}  {result.message}".rstrip())
+    for other in report.other_engines:
+        verdict = enum_label(worker_pb2.Verdict.DESCRIPTOR, other.verdict)
+        failures = [r for r in other.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
+        why = f": {failures[0].rule}: {failures[0].message}" if failures else ""
+        lines.append(f"     also on this worker: {other.engine} ({verdict}){why}")
     return lines
 
 

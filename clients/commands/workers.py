@@ -57,8 +57,10 @@ def register(sub: Subparsers) -> None:
         formatter_class=HelpFormatter,
         description=(
             "Ask the catalog which healthy workers can run MODEL (FindWorkers), best first\n"
-            "(model already loaded, then free memory, then load), and why every other worker\n"
-            "cannot: one line per compatibility rule with its outcome and message."
+            "(model already loaded, then the faster engine, then free memory, then load), and\n"
+            "why every other worker cannot: one line per compatibility rule with its outcome and\n"
+            "message. A worker with several engines (vLLM, then transformers) is matched on the\n"
+            "first engine that can run the model; the others are listed with their reason."
         ),
         epilog="examples:\n  modelyard route tiny-llama\n  modelyard route tiny-llama --role training --json",
     )

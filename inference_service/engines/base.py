@@ -20,6 +20,7 @@ the engine request: nothing keeps generating for nobody.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ from typing import Any
 
 from inference_service.chat import ChatMessage, render_chat
 from inference_service.sampling import SamplingSpec, validate_sampling
-from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 
 __all__ = [
     "ChatMessageLike",
@@ -39,6 +40,7 @@ __all__ = [
     "EngineRequest",
     "EngineResult",
     "FinishReason",
+    "ModelUnsupported",
     "SamplingSpec",
     "StructuredOutputSpec",
     "TokenLogprob",
@@ -285,11 +287,37 @@ def read_adapter_rank(path: str | Path) -> int:
         ) from exc
 
 
+class ModelUnsupported(FailedPrecondition):
+    """The engine cannot run this model, and the model is the cause: the same model on the
+    same engine fails the same way every time (FAILED_PRECONDITION
+    ``MODEL_UNSUPPORTED_BY_ENGINE``, with the engine's own message).
+
+    ``stage`` is where it was seen: ``"dry_run"`` (the engine's configuration for the
+    model), ``"load"`` or ``"first_step"`` (the first generation step after loading).
+    """
+
+    def __init__(self, engine: str, stage: str, message: str) -> None:
+        super().__init__(
+            f"{engine} cannot run this model ({stage.replace('_', ' ')}): {message}",
+            reason="MODEL_UNSUPPORTED_BY_ENGINE",
+            metadata={"engine": engine, "stage": stage},
+        )
+        self.engine = engine
+        self.stage = stage
+        self.engine_message = message
+
+
+FIRST_STEP_PROMPT = "Hello"
+"""What `Engine.first_step` generates from."""
+
+
 class Engine(abc.ABC):
     """A text-generation engine serving one base model and its LoRA adapters.
 
-    Lifecycle: construct (cheap, nothing loaded) -> ``await start()`` -> requests ->
-    ``await close()`` (frees the model's memory; the engine cannot be restarted).
+    Lifecycle: construct (cheap, nothing loaded) -> ``dry_run()`` (optional: the engine's
+    own verdict on the model's configuration, no weights loaded) -> ``await start()`` ->
+    ``await first_step()`` -> requests -> ``await close()`` (frees the model's memory; the
+    engine cannot be restarted).
     """
 
     name: str
@@ -364,6 +392,45 @@ class Engine(abc.ABC):
             vocab_size=tokenizer.vocab_size,
         )
         return ids
+
+    def dry_run(self) -> None:
+        """Validate the model's configuration with the engine's own checks, without loading
+        weights (blocking: call it in a thread). Raises `ModelUnsupported` with the engine's
+        message when the engine cannot run the model. The default checks nothing."""
+        return None
+
+    async def first_step(self) -> None:
+        """Generate one token greedily on the started engine: some engines accept a model at
+        load and fail at its first forward step. Raises `ModelUnsupported` (stage
+        ``first_step``) when that step fails while the engine process lives on or dies with
+        an error, so the failure is tied to the model."""
+        request = EngineRequest(
+            request_id=f"first-step-{id(self):x}",
+            prompt=FIRST_STEP_PROMPT,
+            sampling=SamplingSpec(max_tokens=1, temperature=0.0),
+        )
+        try:
+            await collect(self.generate(request))
+        except (InvalidArgument, FailedPrecondition):
+            raise
+        except Exception as exc:
+            model_caused, message = await asyncio.to_thread(self.failure_cause, exc)
+            if not model_caused:
+                raise Unavailable(
+                    f"the {self.name} engine failed at its first step: {message}",
+                    reason="ENGINE_FAILED",
+                    metadata={"engine": self.name},
+                ) from exc
+            raise ModelUnsupported(self.name, "first_step", message) from exc
+
+    def failure_cause(self, exc: BaseException) -> tuple[bool, str]:
+        """(whether the model caused the failure `exc`, the engine's account of it). Blocking.
+
+        The default: an exception raised while running the model is the model's doing.
+        Engines that run the model in another process override it to tell a process killed
+        from outside (the host's OOM killer, an operator) from one that failed on the model.
+        """
+        return True, str(exc) or type(exc).__name__
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -16,7 +16,7 @@ adapter name and are switched per request (``set_adapters`` / ``disable_lora``).
 All pipeline work -- loading, LoRAs, generation -- runs on the engine's own single
 thread, one request at a time (a pipeline is not thread-safe and its active LoRA and
 scheduler are shared state), with ``torch.set_num_threads(threads)`` set in that thread
-only (on small CPUs 2 threads were seen to stall; DESIGN.md §4). The noise comes from a
+only (on a 2-core CPU, runs with 2 threads were seen to stall). The noise comes from a
 CPU ``torch.Generator`` seeded per request, so a seed gives the same image on every run.
 """
 

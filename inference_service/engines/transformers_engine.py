@@ -36,6 +36,7 @@ from inference_service.engines.base import (
     EngineDelta,
     EngineRequest,
     FinishReason,
+    ModelUnsupported,
     Tokenizer,
     TokenLogprob,
     Usage,
@@ -207,6 +208,24 @@ class TransformersEngine(Engine):
         return str(self._require_model().dtype).removeprefix("torch.")
 
     # -- lifecycle ----------------------------------------------------------------------
+
+    def dry_run(self) -> None:
+        """transformers' own verdict without loading weights: the config parses and
+        `AutoModelForCausalLM` has a class for it."""
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        try:
+            config = AutoConfig.from_pretrained(
+                str(self._model_path), trust_remote_code=self._trust_remote_code, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelUnsupported(self.name, "dry_run", str(exc).splitlines()[0]) from exc
+        model_type = getattr(config, "model_type", "")
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
+            raise ModelUnsupported(
+                self.name, "dry_run", f"AutoModelForCausalLM has no class for model type {model_type!r}"
+            )
 
     async def start(self) -> None:
         """Load the tokenizer and the model (on the engine's thread)."""

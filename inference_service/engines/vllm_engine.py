@@ -2,7 +2,7 @@
 
 The front end (tokenizer, detokenizer, output processing) lives in this process, next to
 the gRPC server: on a 2-core CPU a front end in a separate process gets starved by the
-engine's busy-waiting workers (DESIGN.md §4).  vLLM 0.32's ``AsyncLLM`` always runs its
+engine's busy-waiting workers (streams arrive in one burst).  vLLM 0.32's ``AsyncLLM`` always runs its
 ``EngineCore`` in one child process (spawned; callers need an
 ``if __name__ == "__main__"`` guard); with ``tensor_parallel_size=1`` we set
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor so the model runs inside
@@ -32,6 +32,7 @@ from inference_service.engines.base import (
     EngineLoad,
     EngineRequest,
     FinishReason,
+    ModelUnsupported,
     StructuredOutputSpec,
     Tokenizer,
     TokenLogprob,
@@ -178,6 +179,26 @@ class VllmEngine(Engine):
         """False once vLLM's EngineCore died (its process exited or failed)."""
         return self._llm is None or not self._llm.errored
 
+    def failure_cause(self, exc: BaseException) -> tuple[bool, str]:
+        """After a failed step: a dead EngineCore process that exited on its own (an exception
+        in the model's forward pass; vLLM logs the traceback) is the model's doing; one killed
+        by a signal (OOM killer, operator) is not."""
+        llm = self._llm
+        resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+        processes = list(getattr(getattr(resources, "engine_manager", None), "processes", None) or [])
+        for process in processes:
+            process.join(timeout=10)
+        codes = [p.exitcode for p in processes]
+        killed = [c for c in codes if c is not None and c < 0]
+        if killed:
+            return False, f"vLLM's EngineCore process was killed by signal {-killed[0]}"
+        if codes and all(c is not None for c in codes):
+            return True, (
+                f"vLLM's EngineCore process failed on the model's first forward step and exited "
+                f"with code {codes[0]} (the worker's log has vLLM's traceback)"
+            )
+        return True, _first_line(exc)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -199,11 +220,10 @@ class VllmEngine(Engine):
         llm._run_output_handler()
         self._tokenizer, self._llm = tokenizer, llm
 
-    def _build(self) -> tuple[Tokenizer, AsyncLLM]:
+    def _engine_args(self) -> Any:
+        """vLLM's `AsyncEngineArgs` for this engine's model and options."""
         from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        tokenizer = Tokenizer.from_pretrained(self._model_path, trust_remote_code=self._trust_remote_code)
         options: dict[str, Any] = {
             "model": str(self._model_path),
             "tokenizer": str(self._model_path),
@@ -223,7 +243,27 @@ class VllmEngine(Engine):
         }
         if self._requested_max_model_len is not None:
             options["max_model_len"] = self._requested_max_model_len
-        args = AsyncEngineArgs(**options)
+        return AsyncEngineArgs(**options)
+
+    def dry_run(self) -> None:
+        """vLLM's own verdict without loading weights: build its engine configuration for the
+        model (architecture, dtype, context, quantization, LoRA), then ask the attention backend
+        of this platform whether it accepts the model's head size and dtype (see
+        `attention_problems`)."""
+        _import_vllm()
+        try:
+            config = self._engine_args().create_engine_config()
+        except Exception as exc:
+            raise ModelUnsupported(self.name, "dry_run", _first_line(exc)) from exc
+        problems = attention_problems(config)
+        if problems:
+            raise ModelUnsupported(self.name, "dry_run", "; ".join(problems))
+
+    def _build(self) -> tuple[Tokenizer, AsyncLLM]:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        tokenizer = Tokenizer.from_pretrained(self._model_path, trust_remote_code=self._trust_remote_code)
+        args = self._engine_args()
         try:
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_recorder(self._scheduler_stats)])
         except Exception as exc:
@@ -464,6 +504,62 @@ class VllmEngine(Engine):
     def adapters(self) -> list[str]:
         """Ids of the loaded adapters, in load order."""
         return list(self._adapters)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without vLLM's multi-line validation dumps."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if len(text) < 2000 else text[:2000]
+
+
+def cpu_attention_backend() -> Any:
+    """The attention backend vLLM's CPU platform runs every non-MLA model with (its
+    `get_attn_backend_cls` returns CPU_ATTN whatever is asked), or None off the CPU."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum.CPU_ATTN.get_class()
+
+
+def attention_problems(config: Any) -> list[str]:
+    """Why vLLM's attention cannot run the model of `config` (a `VllmConfig`) here, in the
+    backend's own terms; empty when it can (or the model has no standard attention).
+
+    On the CPU, vLLM picks CPU_ATTN without validating it, and its kernels then refuse
+    unsupported head sizes at the first forward step, killing the engine: ask the backend's
+    own `supports_head_size` / `supports_dtype` first. On GPUs the backend selector
+    validates the configuration itself and raises when no backend fits.
+    """
+    model_config = config.model_config
+    if getattr(model_config, "is_attention_free", False) or getattr(model_config, "use_mla", False):
+        return []
+    try:
+        head_size = int(model_config.get_head_size())
+    except Exception:  # a model without standard attention heads
+        return []
+    dtype = model_config.dtype
+    backend = cpu_attention_backend()
+    if backend is None:
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+
+        try:
+            with set_current_vllm_config(config):
+                get_attn_backend(head_size, dtype, config.cache_config.cache_dtype)
+        except Exception as exc:
+            return [f"no vLLM attention backend fits: {_first_line(exc)}"]
+        return []
+    name = backend.get_name()
+    problems = []
+    if not backend.supports_head_size(head_size):
+        sizes = ", ".join(str(n) for n in backend.get_supported_head_sizes())
+        problems.append(f"{name} attention does not support head size {head_size} (supported: {sizes})")
+    if not backend.supports_dtype(dtype):
+        problems.append(f"{name} attention does not support {str(dtype).removeprefix('torch.')}")
+    return problems
 
 
 def _import_vllm() -> None:

@@ -193,6 +193,27 @@ def test_nobody_without_the_worker_role_registers_a_worker(catalog: SecureServer
     )
 
 
+def test_workers_report_engine_outcomes_readers_cannot(
+    catalog: SecureServer, models_root: Path, audit_path: Path
+) -> None:
+    with client(catalog, ADMIN_TOKEN) as admin:
+        admin.import_model(str(models_root / "tiny.Q8_0.gguf"), model_id="tried")
+    said = worker_pb2.EngineOutcome(
+        engine="vllm", engine_version="0.1", supported=False, message="no kernel", worker="workers/gpu-1"
+    )
+    with client(catalog, READER_TOKEN) as reader:
+        error = _error(reader.report_engine_outcome, "tried", said)
+        assert (error.code, error.metadata["required_role"]) == (grpc.StatusCode.PERMISSION_DENIED, "worker")
+    with client(catalog, WORKER_TOKEN) as worker:
+        recorded = worker.report_engine_outcome("tried", said)
+        assert recorded.message == "no kernel" and recorded.model_etag
+    reported = entries_for(audit_path, "ReportEngineOutcome", "models/tried")
+    assert [(e.get("principal", ""), e["code"]) for e in reported] == [
+        ("dashboard", "PERMISSION_DENIED"),
+        ("gpu-node-1", "OK"),
+    ]
+
+
 def test_reads_are_not_audited(catalog: SecureServer, audit_path: Path) -> None:
     before = len(audit_lines(audit_path))
     with client(catalog, READER_TOKEN) as reader:

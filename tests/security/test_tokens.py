@@ -36,6 +36,7 @@ def test_roles_of_the_rpcs_the_issue_names() -> None:
         "catalog.v1.CatalogService/RegisterWorker": WORKER,
         "catalog.v1.CatalogService/Heartbeat": WORKER,
         "catalog.v1.CatalogService/DeregisterWorker": WORKER,
+        "catalog.v1.CatalogService/ReportEngineOutcome": WORKER,
         "trainer.v1.TrainerService/CreateTrainingJob": ADMIN,
         "trainer.v1.TrainerService/CancelTrainingJob": ADMIN,
         "inference.v1.InferenceService/LoadModel": ADMIN,

@@ -6,7 +6,7 @@ it with the job's callbacks (progress, cancel, checkpoints), and saves the
 result to `ctx.output_dir` as safetensors with its config and tokenizer. The
 worker process runs strategies; the server only calls `validate`.
 
-Facts about this stack that the shared helpers encode (see DESIGN.md §4):
+Facts about this stack (transformers 5, TRL 1.16) that the shared helpers encode:
 TRL's configs default to `bf16=True` and `gradient_checkpointing=True`, both set
 explicitly here; `SFTConfig(max_length=)`; `use_cpu=True` off CUDA;
 `eval_strategy`; `processing_class=`; resuming passes the path of the last

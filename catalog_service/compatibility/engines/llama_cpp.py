@@ -39,6 +39,7 @@ TABLE = register(
     EngineTable(
         name="llama-cpp",
         roles=frozenset({INFERENCE}),
+        preference=10,
         kinds=frozenset({model_pb2.MODEL_KIND_LLM}),
         weight_formats=frozenset({model_pb2.WEIGHT_FORMAT_GGUF}),
         quantizations=frozenset({"gguf"}),

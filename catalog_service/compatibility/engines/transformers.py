@@ -31,6 +31,7 @@ TABLE = register(
     EngineTable(
         name="transformers",
         roles=frozenset({INFERENCE}),
+        preference=20,
         kinds=frozenset({model_pb2.MODEL_KIND_LLM}),
         weight_formats=frozenset({model_pb2.WEIGHT_FORMAT_SAFETENSORS}),
         quantizations=frozenset({"bitsandbytes", "gptq", "awq", "compressed-tensors"}),

@@ -58,6 +58,7 @@ TABLE = register(
     EngineTable(
         name="vllm",
         roles=frozenset({INFERENCE}),
+        preference=0,
         kinds=frozenset({model_pb2.MODEL_KIND_LLM}),
         weight_formats=frozenset({model_pb2.WEIGHT_FORMAT_SAFETENSORS}),
         quantizations=frozenset({"awq", "gptq", "compressed-tensors", "fp8"}),

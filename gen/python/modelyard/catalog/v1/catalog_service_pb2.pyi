@@ -1027,10 +1027,17 @@ class CheckCompatibilityRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     ENGINE_SPEC_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, `models/{model}`."""
     worker: _builtins.str
     """A registered worker, `workers/{worker}`."""
+    dry_run: _builtins.bool
+    """Ask the worker to validate the model with its engines first (a dry run:
+    the engine builds its configuration for the model without loading
+    weights). Only for a registered worker; its outcome is recorded, so later
+    checks and FindWorkers see it without asking again.
+    """
     @_builtins.property
     def engine_spec(self) -> _worker_pb2.EngineSpec:
         """An engine that need not be registered."""
@@ -1041,10 +1048,11 @@ class CheckCompatibilityRequest(_message.Message):
         model: _builtins.str = ...,
         worker: _builtins.str = ...,
         engine_spec: _worker_pb2.EngineSpec | None = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["engine_spec", b"engine_spec", "target", b"target", "worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_spec", b"engine_spec", "model", b"model", "target", b"target", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "engine_spec", b"engine_spec", "model", b"model", "target", b"target", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["worker", "engine_spec"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -1163,3 +1171,55 @@ class FindWorkersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FindWorkersResponse: _TypeAlias = FindWorkersResponse  # noqa: Y015
+
+@_typing.final
+class ReportEngineOutcomeRequest(_message.Message):
+    """Request of ReportEngineOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model the engine tried, `models/{model}`."""
+    @_builtins.property
+    def outcome(self) -> _worker_pb2.EngineOutcome:
+        """What happened."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        outcome: _worker_pb2.EngineOutcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportEngineOutcomeRequest: _TypeAlias = ReportEngineOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class ReportEngineOutcomeResponse(_message.Message):
+    """Response of ReportEngineOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcome(self) -> _worker_pb2.EngineOutcome:
+        """The outcome as recorded."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _worker_pb2.EngineOutcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportEngineOutcomeResponse: _TypeAlias = ReportEngineOutcomeResponse  # noqa: Y015

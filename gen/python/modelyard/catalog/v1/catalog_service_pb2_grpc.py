@@ -126,6 +126,11 @@ class CatalogServiceStub:
                 request_serializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersRequest.SerializeToString,
                 response_deserializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersResponse.FromString,
                 _registered_method=True)
+        self.ReportEngineOutcome = channel.unary_unary(
+                '/modelyard.catalog.v1.CatalogService/ReportEngineOutcome',
+                request_serializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeRequest.SerializeToString,
+                response_deserializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -257,7 +262,15 @@ class CatalogServiceServicer:
 
     def FindWorkers(self, request, context):
         """Finds healthy compatible workers for a model, ranked: model already
-        loaded, then free memory, then load.
+        loaded, then the faster engine, then free memory, then load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEngineOutcome(self, request, context):
+        """Records what an engine did with a model (a worker reports the dry runs,
+        loads and first steps it tried); the `observed` rule reads it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,6 +368,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.FindWorkers,
                     request_deserializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersRequest.FromString,
                     response_serializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersResponse.SerializeToString,
+            ),
+            'ReportEngineOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEngineOutcome,
+                    request_deserializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeRequest.FromString,
+                    response_serializer=modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -845,6 +863,33 @@ class CatalogService:
             '/modelyard.catalog.v1.CatalogService/FindWorkers',
             modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersRequest.SerializeToString,
             modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.FindWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEngineOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.catalog.v1.CatalogService/ReportEngineOutcome',
+            modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeRequest.SerializeToString,
+            modelyard_dot_catalog_dot_v1_dot_catalog__service__pb2.ReportEngineOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,7 +76,11 @@ class CatalogServiceStub:
     """Checks whether a model can run on a worker or an engine spec, rule by rule."""
     FindWorkers: _grpc.UnaryUnaryMultiCallable[_catalog_service_pb2.FindWorkersRequest, _catalog_service_pb2.FindWorkersResponse]
     """Finds healthy compatible workers for a model, ranked: model already
-    loaded, then free memory, then load.
+    loaded, then the faster engine, then free memory, then load.
+    """
+    ReportEngineOutcome: _grpc.UnaryUnaryMultiCallable[_catalog_service_pb2.ReportEngineOutcomeRequest, _catalog_service_pb2.ReportEngineOutcomeResponse]
+    """Records what an engine did with a model (a worker reports the dry runs,
+    loads and first steps it tried); the `observed` rule reads it.
     """
 
 @_typing.type_check_only
@@ -127,7 +131,11 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """Checks whether a model can run on a worker or an engine spec, rule by rule."""
     FindWorkers: _aio.UnaryUnaryMultiCallable[_catalog_service_pb2.FindWorkersRequest, _catalog_service_pb2.FindWorkersResponse]  # type: ignore[assignment]
     """Finds healthy compatible workers for a model, ranked: model already
-    loaded, then free memory, then load.
+    loaded, then the faster engine, then free memory, then load.
+    """
+    ReportEngineOutcome: _aio.UnaryUnaryMultiCallable[_catalog_service_pb2.ReportEngineOutcomeRequest, _catalog_service_pb2.ReportEngineOutcomeResponse]  # type: ignore[assignment]
+    """Records what an engine did with a model (a worker reports the dry runs,
+    loads and first steps it tried); the `observed` rule reads it.
     """
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -283,7 +291,17 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_service_pb2.FindWorkersResponse, _abc.Awaitable[_catalog_service_pb2.FindWorkersResponse]]:
         """Finds healthy compatible workers for a model, ranked: model already
-        loaded, then free memory, then load.
+        loaded, then the faster engine, then free memory, then load.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportEngineOutcome(
+        self,
+        request: _catalog_service_pb2.ReportEngineOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_service_pb2.ReportEngineOutcomeResponse, _abc.Awaitable[_catalog_service_pb2.ReportEngineOutcomeResponse]]:
+        """Records what an engine did with a model (a worker reports the dry runs,
+        loads and first steps it tried); the `observed` rule reads it.
         """
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -551,6 +551,8 @@ class LlmConfig(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     HUB_FIELD_NUMBER: _builtins.int
     REQUIRES_REMOTE_CODE_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    SLIDING_WINDOW_FIELD_NUMBER: _builtins.int
     architecture: _builtins.str
     """Architecture class, e.g. `LlamaForCausalLM`."""
     model_type: _builtins.str
@@ -579,6 +581,13 @@ class LlmConfig(_message.Message):
     """Default nucleus sampling from generation_config.json."""
     requires_remote_code: _builtins.bool
     """True when loading needs `trust_remote_code` (config has `auto_map`)."""
+    head_dim: _builtins.int
+    """Size of one attention head: config.json's `head_dim` when stated, else
+    hidden size / attention heads. Engines' attention kernels support only
+    some sizes.
+    """
+    sliding_window: _builtins.int
+    """Sliding attention window in tokens, when the model uses one."""
     @_builtins.property
     def compatible_model_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Model types that share this model's config class in transformers."""
@@ -631,10 +640,12 @@ class LlmConfig(_message.Message):
         adapter: Global___AdapterInfo | None = ...,
         hub: Global___HubMetadata | None = ...,
         requires_remote_code: _builtins.bool = ...,
+        head_dim: _builtins.int | None = ...,
+        sliding_window: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "hidden_size", b"hidden_size", "hub", b"hub", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "rope_scaling", b"rope_scaling", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_head_dim", b"_head_dim", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_sliding_window", b"_sliding_window", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "hub", b"hub", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "rope_scaling", b"rope_scaling", "sliding_window", b"sliding_window", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "architecture", b"architecture", "compatible_model_types", b"compatible_model_types", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "dtype", b"dtype", "hidden_size", b"hidden_size", "hub", b"hub", "languages", b"languages", "model_type", b"model_type", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "requires_remote_code", b"requires_remote_code", "rope_scaling", b"rope_scaling", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size", "weight_format", b"weight_format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_head_dim", b"_head_dim", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_sliding_window", b"_sliding_window", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "architecture", b"architecture", "compatible_model_types", b"compatible_model_types", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "dtype", b"dtype", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "hub", b"hub", "languages", b"languages", "model_type", b"model_type", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "requires_remote_code", b"requires_remote_code", "rope_scaling", b"rope_scaling", "sliding_window", b"sliding_window", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size", "weight_format", b"weight_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__context_length: _TypeAlias = _typing.Literal["context_length"]  # noqa: Y015
     _WhichOneofArgType__context_length: _TypeAlias = _typing.Literal["_context_length", b"_context_length"]  # noqa: Y015
@@ -642,6 +653,8 @@ class LlmConfig(_message.Message):
     _WhichOneofArgType__default_temperature: _TypeAlias = _typing.Literal["_default_temperature", b"_default_temperature"]  # noqa: Y015
     _WhichOneofReturnType__default_top_p: _TypeAlias = _typing.Literal["default_top_p"]  # noqa: Y015
     _WhichOneofArgType__default_top_p: _TypeAlias = _typing.Literal["_default_top_p", b"_default_top_p"]  # noqa: Y015
+    _WhichOneofReturnType__head_dim: _TypeAlias = _typing.Literal["head_dim"]  # noqa: Y015
+    _WhichOneofArgType__head_dim: _TypeAlias = _typing.Literal["_head_dim", b"_head_dim"]  # noqa: Y015
     _WhichOneofReturnType__hidden_size: _TypeAlias = _typing.Literal["hidden_size"]  # noqa: Y015
     _WhichOneofArgType__hidden_size: _TypeAlias = _typing.Literal["_hidden_size", b"_hidden_size"]  # noqa: Y015
     _WhichOneofReturnType__num_attention_heads: _TypeAlias = _typing.Literal["num_attention_heads"]  # noqa: Y015
@@ -652,6 +665,8 @@ class LlmConfig(_message.Message):
     _WhichOneofArgType__num_layers: _TypeAlias = _typing.Literal["_num_layers", b"_num_layers"]  # noqa: Y015
     _WhichOneofReturnType__parameter_count: _TypeAlias = _typing.Literal["parameter_count"]  # noqa: Y015
     _WhichOneofArgType__parameter_count: _TypeAlias = _typing.Literal["_parameter_count", b"_parameter_count"]  # noqa: Y015
+    _WhichOneofReturnType__sliding_window: _TypeAlias = _typing.Literal["sliding_window"]  # noqa: Y015
+    _WhichOneofArgType__sliding_window: _TypeAlias = _typing.Literal["_sliding_window", b"_sliding_window"]  # noqa: Y015
     _WhichOneofReturnType__vocab_size: _TypeAlias = _typing.Literal["vocab_size"]  # noqa: Y015
     _WhichOneofArgType__vocab_size: _TypeAlias = _typing.Literal["_vocab_size", b"_vocab_size"]  # noqa: Y015
     @_typing.overload
@@ -660,6 +675,8 @@ class LlmConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_temperature) -> _WhichOneofReturnType__default_temperature | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_top_p) -> _WhichOneofReturnType__default_top_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__head_dim) -> _WhichOneofReturnType__head_dim | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_size) -> _WhichOneofReturnType__hidden_size | None: ...
     @_typing.overload
@@ -670,6 +687,8 @@ class LlmConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_layers) -> _WhichOneofReturnType__num_layers | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__parameter_count) -> _WhichOneofReturnType__parameter_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sliding_window) -> _WhichOneofReturnType__sliding_window | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__vocab_size) -> _WhichOneofReturnType__vocab_size | None: ...
 

