@@ -117,6 +117,9 @@ class OutcomeStore:
                     raise _model_not_found(model_id)
                 if not entry.model_etag:
                     entry.model_etag = found.etag
+                standing = self._standing_failure(session, found.id, entry)
+                if standing is not None:
+                    return standing
                 session.execute(
                     self._upsert(
                         {
@@ -137,6 +140,30 @@ class OutcomeStore:
             # The model was deleted between the lookup and the insert (PostgreSQL).
             raise _model_not_found(model_id) from error
         return entry
+
+    @staticmethod
+    def _standing_failure(
+        session: Session, model_pk: int, entry: worker_pb2.EngineOutcome
+    ) -> worker_pb2.EngineOutcome | None:
+        """The recorded failure that `entry` must not replace, if any: a success at an earlier
+        stage (a dry run) says nothing about a failure seen later (at the first step) on the
+        same model files, so that failure stands."""
+        if not entry.supported:
+            return None
+        row = session.execute(
+            select(EngineOutcomeRow.data).where(
+                EngineOutcomeRow.model_pk == model_pk,
+                EngineOutcomeRow.engine == entry.engine,
+                EngineOutcomeRow.engine_version == entry.engine_version,
+                EngineOutcomeRow.device_type == worker_pb2.DeviceType.Name(entry.device_type),
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        current = json_format.Parse(row, worker_pb2.EngineOutcome(), ignore_unknown_fields=True)
+        if not current.supported and current.model_etag == entry.model_etag and current.stage > entry.stage:
+            return current
+        return None
 
     def outcomes_for(self, model_id: str) -> list[worker_pb2.EngineOutcome]:
         """Every outcome recorded for `models/{model_id}` (none for an unknown model), ordered by

@@ -6,7 +6,7 @@ import argparse
 
 from clients.catalog import model_name
 from clients.commands.common import CATALOG, HelpFormatter, Subparsers, catalog_client, options_parser
-from clients.commands.views import WORKER_HEADERS, route_text, worker_block, worker_rows
+from clients.commands.views import WORKER_HEADERS, report_lines, route_text, worker_block, worker_rows
 from clients.output import print_json, table
 from clients.routing import role_label
 from modelyard.catalog.v1 import catalog_service_pb2 as pb
@@ -62,7 +62,10 @@ def register(sub: Subparsers) -> None:
             "message. A worker with several engines (vLLM, then transformers) is matched on the\n"
             "first engine that can run the model; the others are listed with their reason."
         ),
-        epilog="examples:\n  modelyard route tiny-llama\n  modelyard route tiny-llama --role training --json",
+        epilog=(
+            "examples:\n  modelyard route tiny-llama\n  modelyard route tiny-llama --role training --json\n"
+            "  modelyard route tiny-llama --worker inference-host-50053 --dry-run"
+        ),
     )
     route.add_argument("model", metavar="MODEL", help="model id or models/ID")
     route.add_argument(
@@ -70,6 +73,17 @@ def register(sub: Subparsers) -> None:
         choices=sorted(ROLES),
         default="inference",
         help="role the worker must have (default inference)",
+    )
+    route.add_argument(
+        "--worker",
+        metavar="WORKER",
+        default="",
+        help="check MODEL against this one worker (CheckCompatibility) instead of ranking all",
+    )
+    route.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --worker: the worker's engines first validate MODEL without loading weights",
     )
     route.set_defaults(func=route_model)
 
@@ -101,6 +115,17 @@ def show_worker(args: argparse.Namespace) -> int:
 def route_model(args: argparse.Namespace) -> int:
     """`route`: the FindWorkers answer; exit 1 when no worker matches."""
     role = ROLES[args.role]
+    if args.dry_run and not args.worker:
+        raise SystemExit("modelyard route: --dry-run needs --worker (the worker that runs the dry run)")
+    if args.worker:
+        with catalog_client(args) as client:
+            report = client.check_compatibility(args.model, worker=args.worker, dry_run=args.dry_run)
+            match = pb.WorkerMatch(worker=client.get_worker(args.worker), report=report)
+        if args.json:
+            print_json(pb.CheckCompatibilityResponse(report=report))
+        else:
+            print("\n".join(report_lines(match, "")))
+        return 1 if report.verdict == worker_pb2.VERDICT_INCOMPATIBLE else 0
     with catalog_client(args) as client:
         response = client.find_workers(args.model, role)
     if args.json:

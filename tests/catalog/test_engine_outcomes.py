@@ -172,6 +172,21 @@ def test_a_new_report_replaces_the_old_one_per_engine_version_and_device(
         assert conn.execute(select(func.count()).select_from(EngineOutcomeRow)).scalar() == 3
 
 
+def test_a_dry_run_success_does_not_erase_a_failure_seen_at_the_first_step(
+    store: CatalogStore, outcomes: OutcomeStore
+) -> None:
+    """vLLM's dry run passes a model whose first forward step kills it: the failure stands."""
+    store.create_model("llama", tiny_llm())
+    first_step = worker_pb2.ENGINE_OUTCOME_STAGE_FIRST_STEP
+    failed = outcomes.record_outcome("llama", outcome(False, stage=first_step))
+    kept = outcomes.record_outcome("llama", outcome(True, stage=worker_pb2.ENGINE_OUTCOME_STAGE_DRY_RUN))
+    assert kept == failed
+    assert [o.supported for o in outcomes.outcomes_for("llama")] == [False]
+    # A success at the same stage (the engine runs it now) does replace it.
+    outcomes.record_outcome("llama", outcome(True, stage=first_step))
+    assert [o.supported for o in outcomes.outcomes_for("llama")] == [True]
+
+
 def test_outcomes_go_with_their_model(store: CatalogStore, outcomes: OutcomeStore) -> None:
     store.create_model("base", tiny_llm())
     store.create_model("child", tiny_llm(parent="models/base"))

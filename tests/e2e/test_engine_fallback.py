@@ -68,6 +68,7 @@ def serve_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeAll]:
             "MODELYARD_INFERENCE_KV_CACHE_BYTES": str(KV_CACHE_BYTES),
             "MODELYARD_INFERENCE_ENFORCE_EAGER": "true",
             "MODELYARD_INFERENCE_MAX_NUM_SEQS": "4",
+            "MODELYARD_INFERENCE_WORKER_ID": "inference-auto",
             "VLLM_LOGGING_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
@@ -117,6 +118,17 @@ def test_the_route_names_the_transformers_engine_and_vllms_reason_before_anythin
     assert "also on this worker: vllm (INCOMPATIBLE): attention:" in out
     # The model vLLM runs is routed to vLLM on the same worker.
     assert "vllm, COMPATIBLE" in serve_all.cli("route", "llama").stdout
+
+
+def test_a_dry_run_on_the_worker_names_the_engine_that_would_serve_each_model(serve_all: ServeAll) -> None:
+    checked = serve_all.cli("route", "qwen-head16", "--worker", "inference-auto", "--dry-run")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "PASS  dry_run" in checked.stdout
+    assert "the worker's engines validated it: transformers" in checked.stdout
+    checked = serve_all.cli("route", "llama", "--worker", "inference-auto", "--dry-run")
+    assert "the worker's engines validated it: vllm" in checked.stdout
+    # vLLM's dry run of llama is now on record: the observed rule passes.
+    assert "PASS  observed" in checked.stdout and "vllm 0.32.0 validated this model" in checked.stdout
 
 
 def test_the_model_generates_on_transformers_and_the_worker_keeps_serving(serve_all: ServeAll) -> None:
