@@ -36,7 +36,10 @@ log = logging.getLogger("modelyard.inference")
 def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec]:
     """The engines this server can run, in order of preference, with their capabilities."""
     device = capabilities.describe_device()
-    names = ["vllm", "transformers"] if settings.engine == "auto" else [settings.engine]
+    if settings.engine == "auto":
+        names = ["vllm", "transformers"] + (["llama-cpp"] if capabilities.llama_cpp_installed() else [])
+    else:
+        names = [settings.engine]
     specs: dict[str, worker_pb2.EngineSpec] = {}
     for name in names:
         if name == "vllm":
@@ -44,10 +47,12 @@ def engine_specs(settings: InferenceSettings) -> dict[str, worker_pb2.EngineSpec
             caps.kv_cache_bytes = settings.kv_cache_memory_bytes
         elif name == "transformers":
             caps = capabilities.transformers_capabilities()
+        elif name == "llama-cpp":
+            caps = capabilities.llama_cpp_capabilities()
         elif name == "diffusers":
             caps = capabilities.diffusers_capabilities(max_lora_rank=settings.max_lora_rank)
         else:
-            raise ValueError(f"unknown engine {name!r}: use vllm, transformers, auto or diffusers")
+            raise ValueError(f"unknown engine {name!r}: use vllm, transformers, llama-cpp, auto or diffusers")
         caps.allows_remote_code = settings.allow_remote_code
         if settings.max_model_len:
             caps.max_context_length = settings.max_model_len
@@ -75,6 +80,10 @@ def make_engine(settings: InferenceSettings, name: str, path: Path, max_model_le
             enforce_eager=settings.enforce_eager,
             trust_remote_code=settings.allow_remote_code,
         )
+    if name == "llama-cpp":
+        from inference_service.engines.llama_cpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(path, max_model_len=max_len)
     from inference_service.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(path, max_model_len=max_len, dtype=settings.dtype)

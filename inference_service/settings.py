@@ -35,7 +35,8 @@ class InferenceSettings(CommonSettings):
     engine: str = setting(
         "auto",
         "MODELYARD_INFERENCE_ENGINE",
-        "vllm, transformers, auto (vllm, transformers when vllm cannot), or diffusers (image models)",
+        "vllm, transformers, llama-cpp (GGUF files), auto (vllm, then transformers for what vllm "
+        "cannot run, and llama-cpp when installed), or diffusers (image models)",
     )
     load_on_first_use: bool = setting(
         True,

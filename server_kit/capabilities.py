@@ -25,6 +25,11 @@ installed packages, never hard-coded:
   computes wrong gradients: a policy refusal).
 * `diffusers_capabilities()`: image base models whose pipelines the installed
   diffusers has.
+* `llama_cpp_capabilities()`: GGUF files; the engine version from the
+  `llama-cpp-python` distribution, the GGUF file types (quantizations) its
+  llama.cpp library defines (`LLAMA_FTYPE_*`), architectures from the `gguf`
+  package's list (llama.cpp's own list is compiled in and not exposed: the dry
+  run, which loads the file's vocabulary, is the engine's real verdict).
 
 Importing vLLM's registry takes seconds and transformers' mappings ~3 s, so
 the package facts are discovered once per process (`functools.cache`); every
@@ -434,3 +439,49 @@ def diffusers_capabilities(
     if max_lora_rank is not None:
         caps.max_lora_rank = max_lora_rank
     return caps
+
+
+@functools.cache
+def _llama_cpp_facts() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(version, architectures, GGUF file types) of the installed llama-cpp-python."""
+    if not _installed("llama_cpp"):
+        raise FailedPrecondition(
+            "llama-cpp-python is not installed; install the `llama-cpp` extra", reason="ENGINE_NOT_INSTALLED"
+        )
+    import gguf
+    import llama_cpp
+
+    file_types = tuple(
+        sorted(
+            name.removeprefix("LLAMA_FTYPE_") for name in dir(llama_cpp) if name.startswith("LLAMA_FTYPE_")
+        )
+    )
+    architectures = tuple(sorted(gguf.MODEL_ARCH_NAMES.values()))
+    return _version("llama-cpp-python") or str(llama_cpp.__version__), architectures, file_types
+
+
+def llama_cpp_file_types() -> tuple[str, ...]:
+    """GGUF file types (`MOSTLY_Q4_K_M`, ...) the installed llama.cpp defines."""
+    return _llama_cpp_facts()[2]
+
+
+def llama_cpp_capabilities(*, max_context_length: int | None = None) -> worker_pb2.WorkerCapabilities:
+    """Capabilities of the installed llama.cpp (llama-cpp-python): GGUF LLMs, no LoRA."""
+    version, architectures, _file_types = _llama_cpp_facts()
+    caps = worker_pb2.WorkerCapabilities(
+        engine="llama-cpp",
+        engine_version=version,
+        kinds=[model_pb2.MODEL_KIND_LLM],
+        architectures=architectures,
+        weight_formats=[model_pb2.WEIGHT_FORMAT_GGUF],
+        quantizations=["gguf"],
+        supports_lora=False,
+    )
+    if max_context_length is not None:
+        caps.max_context_length = max_context_length
+    return caps
+
+
+def llama_cpp_installed() -> bool:
+    """Whether llama-cpp-python can be imported here."""
+    return _installed("llama_cpp")

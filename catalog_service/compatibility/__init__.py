@@ -43,6 +43,7 @@ from catalog_service.compatibility.rules import (
     Target,
     Worker,
     first_failure,
+    join_or,
     verdict_of,
 )
 from modelyard.catalog.v1 import worker_pb2
@@ -55,6 +56,10 @@ __all__ = [
     "verdict_of",
 ]
 
+
+#: Rules whose failure means an engine does not take this kind of model or file at all:
+#: another engine of the worker serving it is no fallback.
+_FORMAT_RULES = frozenset({"kind", "weight_format"})
 
 #: Rules that still mean something when the engine does not run the model's kind;
 #: the others are SKIPped then, so the report shows the one reason that matters.
@@ -109,17 +114,18 @@ def _choose(reports: list[CompatibilityReport]) -> CompatibilityReport:
     report.other_engines.extend(r for r in reports if r is not chosen)
     skipped_over = reports[:index]
     if skipped_over and report.results and report.results[0].rule == "engine":
-        why = "; ".join(
-            f"{r.engine} cannot run it ({failure.rule}: {failure.message})"
-            for r in skipped_over
-            if (failure := first_failure(r)) is not None
-        )
+        failures = [(r.engine, f) for r in skipped_over if (f := first_failure(r)) is not None]
         engine = report.results[0]
-        engine.outcome = WARN
-        engine.message = (
-            f"{engine.message}, this worker's fallback engine: {why}; "
-            f"served by {chosen.engine}, which is slower"
-        )
+        if all(f.rule in _FORMAT_RULES for _, f in failures):
+            # Not a fallback: the preferred engines do not take this kind of file at all (GGUF).
+            engine.message += f" (this worker's {join_or([name for name, _ in failures])} does not load it)"
+        else:
+            why = "; ".join(f"{name} cannot run it ({f.rule}: {f.message})" for name, f in failures)
+            engine.outcome = WARN
+            engine.message = (
+                f"{engine.message}, this worker's fallback engine: {why}; "
+                f"served by {chosen.engine}, which is slower"
+            )
         report.verdict = verdict_of(report.results)
     elif report.verdict != worker_pb2.VERDICT_INCOMPATIBLE and len(reports) > 1:
         report.results[0].message += " (this worker's preferred engine)"

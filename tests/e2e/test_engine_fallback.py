@@ -24,6 +24,7 @@ from modelyard.catalog.v1 import worker_pb2
 from modelyard.inference.v1 import inference_service_pb2 as pb
 from modelyard.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.helpers import free_port, health_status, tool
+from tinymodels.gguf_file import build_gguf
 from tinymodels.llm import build_llm
 
 KV_CACHE_BYTES = 64 * 1024 * 1024
@@ -93,7 +94,10 @@ def serve_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeAll]:
                 str(build_llm(root / "qwen-head16", "qwen2", num_heads=4, num_kv_heads=2)),
                 model_id="qwen-head16",
             )
-            client.import_model(str(build_llm(root / "llama", "llama")), model_id="llama")
+            llama = build_llm(root / "llama", "llama")
+            client.import_model(str(llama), model_id="llama")
+            gguf = build_gguf(root / "gguf" / "tiny-llama-q8_0.gguf", tensor_type="q8_0", source_dir=llama)
+            client.import_model(str(gguf), model_id="llama-gguf")
             while not any(w.role == worker_pb2.WORKER_ROLE_INFERENCE for w in client.list_workers()):
                 assert time.monotonic() < deadline, "the inference worker never registered"
                 time.sleep(0.2)
@@ -116,8 +120,10 @@ def test_the_route_names_the_transformers_engine_and_vllms_reason_before_anythin
     assert "transformers, COMPATIBLE_WITH_WARNINGS" in out
     assert "fallback engine: vllm cannot run it (attention: attention head size 16 is not supported" in out
     assert "also on this worker: vllm (INCOMPATIBLE): attention:" in out
-    # The model vLLM runs is routed to vLLM on the same worker.
+    # The model vLLM runs is routed to vLLM on the same worker, the GGUF file to llama.cpp.
     assert "vllm, COMPATIBLE" in serve_all.cli("route", "llama").stdout
+    gguf = serve_all.cli("route", "llama-gguf").stdout
+    assert "llama-cpp, COMPATIBLE" in gguf and "does not load it" in gguf
 
 
 def test_a_dry_run_on_the_worker_names_the_engine_that_would_serve_each_model(serve_all: ServeAll) -> None:
@@ -129,6 +135,18 @@ def test_a_dry_run_on_the_worker_names_the_engine_that_would_serve_each_model(se
     assert "the worker's engines validated it: vllm" in checked.stdout
     # vLLM's dry run of llama is now on record: the observed rule passes.
     assert "PASS  observed" in checked.stdout and "vllm 0.32.0 validated this model" in checked.stdout
+
+
+def test_a_gguf_file_generates_on_llama_cpp(serve_all: ServeAll) -> None:
+    generated = serve_all.cli("generate", "llama-gguf", "Once upon a time", "--max-tokens", "4")
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    assert generated.stdout.strip()
+    with grpc.insecure_channel(serve_all.inference) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        loaded = {
+            m.model: m.engine for m in stub.ListLoadedModels(pb.ListLoadedModelsRequest()).loaded_models
+        }
+    assert loaded["models/llama-gguf"] == "llama-cpp"
 
 
 def test_the_model_generates_on_transformers_and_the_worker_keeps_serving(serve_all: ServeAll) -> None:
@@ -146,9 +164,12 @@ def test_the_model_generates_on_transformers_and_the_worker_keeps_serving(serve_
         loaded = {
             m.model: m.engine for m in stub.ListLoadedModels(pb.ListLoadedModelsRequest()).loaded_models
         }
-        assert loaded == {"models/qwen-head16": "transformers", "models/llama": "vllm"}
+        assert {k: v for k, v in loaded.items() if k != "models/llama-gguf"} == {
+            "models/qwen-head16": "transformers",
+            "models/llama": "vllm",
+        }
         info = stub.GetServerInfo(pb.GetServerInfoRequest())
-        assert [e.engine for e in info.engines] == ["vllm", "transformers"]
+        assert [e.engine for e in info.engines] == ["vllm", "transformers", "llama-cpp"]
         assert 16 not in info.engines[0].attention_head_sizes and 32 in info.engines[0].attention_head_sizes
     assert health_status(serve_all.inference) == health_pb2.HealthCheckResponse.SERVING
     log = serve_all.log.read_text(errors="replace")
