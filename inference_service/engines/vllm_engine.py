@@ -252,6 +252,7 @@ class VllmEngine(Engine):
         `attention_problems`)."""
         _import_vllm()
         try:
+            self._disable_lora_unless_supported()
             config = self._engine_args().create_engine_config()
         except Exception as exc:
             raise ModelUnsupported(self.name, "dry_run", _first_line(exc)) from exc
@@ -259,8 +260,34 @@ class VllmEngine(Engine):
         if problems:
             raise ModelUnsupported(self.name, "dry_run", "; ".join(problems))
 
+    def _disable_lora_unless_supported(self) -> None:
+        """vLLM refuses to start a model class without LoRA support when LoRA is enabled
+        ("Gemma3nForCausalLM does not support LoRA yet"): serve such a model without
+        adapters rather than not at all (`add_adapter` then answers LORA_UNSUPPORTED)."""
+        if not self._enable_lora:
+            return
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_lora
+
+        args = self._engine_args()
+        args.enable_lora = False
+        model_config = args.create_model_config()
+        model_class, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+        if not supports_lora(model_class):
+            logger.info("%s does not support LoRA in vLLM: serving it without adapters", model_class.__name__)
+            self._enable_lora = False
+
     def _build(self) -> tuple[Tokenizer, AsyncLLM]:
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            self._disable_lora_unless_supported()
+        except Exception as exc:
+            raise FailedPrecondition(
+                f"vLLM could not start {self._model_path}: {_first_line(exc)}",
+                reason="ENGINE_START_FAILED",
+                metadata={"engine": self.name, "model_path": str(self._model_path)},
+            ) from exc
 
         tokenizer = Tokenizer.from_pretrained(self._model_path, trust_remote_code=self._trust_remote_code)
         args = self._engine_args()

@@ -21,6 +21,7 @@ whether that engine really ran it.
     .venv/bin/python -m tests.conformance.matrix            # the whole zoo -> docs/compatibility-matrix.md
     .venv/bin/python -m tests.conformance.matrix --ci       # the CI selection only
     .venv/bin/python -m tests.conformance.matrix --only qwen2-head16,llama
+    .venv/bin/python -m tests.conformance.matrix --update --only gemma3n_text   # rerun a few rows
 
 `tests/conformance/test_matrix.py` runs the same code on `CI_KEYS` (every CI run: a
 selection of 30+ model types and every variant, sized to a few minutes of vLLM loads)
@@ -33,7 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
+import json
 import platform
 import sys
 import tempfile
@@ -66,6 +69,8 @@ CI_KEYS: tuple[str, ...] = (
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "compatibility-matrix.md"
+RESULTS = DOC.with_suffix(".json")
+"""Every cell of the last run, so `--update --only KEYS` can rerun a few models."""
 ENGINES = ("vllm", "transformers") + (("llama-cpp",) if capabilities.llama_cpp_installed() else ())
 TOKENS = 4
 LOAD_TIMEOUT_SECONDS = 180.0
@@ -318,18 +323,47 @@ def engine_versions() -> dict[str, str]:
     return versions
 
 
+def save_results(rows: Sequence[Row], path: Path) -> None:
+    """The cells of `rows` as JSON (what `--update` merges into)."""
+    data = {
+        row.spec.key: {name: dataclasses.asdict(cell) for name, cell in row.cells.items()} for row in rows
+    }
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_results(path: Path) -> list[Row]:
+    """Rows saved by `save_results`, for the models the zoo still has, in zoo order."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for model in all_models():
+        if model.key in data:
+            rows.append(Row(model, {name: Cell(**cell) for name, cell in data[model.key].items()}))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated zoo keys (default: all)")
     parser.add_argument("--ci", action="store_true", help="only the models CI runs (CI_KEYS)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help=f"run only --only's models and merge them into the saved results ({RESULTS.name})",
+    )
     parser.add_argument("--out", type=Path, default=DOC, help=f"markdown file to write (default {DOC})")
     args = parser.parse_args(argv)
     keys = [k for k in args.only.split(",") if k] or (list(CI_KEYS) if args.ci else [])
     specs = all_models(keys)
     with tempfile.TemporaryDirectory(prefix="modelyard-matrix-") as tmp:
         rows = asyncio.run(run(specs, Path(tmp)))
+    results = args.out.with_suffix(".json")
+    if args.update:
+        fresh = {row.spec.key: row for row in rows}
+        rows = [fresh.get(row.spec.key, row) for row in load_results(results)]
+        rows += [row for key, row in fresh.items() if key not in {r.spec.key for r in rows}]
+    save_results(rows, results)
     args.out.write_text(render(rows, engine_versions()), encoding="utf-8")
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {args.out} and {results}", file=sys.stderr)
     return 0
 
 
