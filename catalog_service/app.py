@@ -30,6 +30,7 @@ class CatalogApp:
         self.settings = settings
         self.store: CatalogStore | None = None
         self.catalog: Catalog | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +51,26 @@ class CatalogApp:
         return [catalog_collector(lambda: self.store)]
 
     async def on_serving(self, port: int) -> None:
-        return None
+        self._sweeper = asyncio.create_task(self._sweep_workers(), name="sweep-workers")
+
+    async def _sweep_workers(self) -> None:
+        """Delete workers silent for the store's `worker_retention`, once per heartbeat TTL."""
+        while True:
+            await asyncio.sleep(max(1.0, float(self.settings.heartbeat_ttl_seconds)))
+            if self.store is None:
+                continue
+            try:
+                gone = await asyncio.to_thread(self.store.sweep_workers)
+            except Exception as exc:  # a database hiccup: try again next round
+                log.warning("sweeping expired workers failed: %s", exc)
+                continue
+            if gone:
+                log.info("swept %d expired worker(s): %s", len(gone), ", ".join(gone))
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)

@@ -46,6 +46,8 @@ from server_kit.security import NAME_FIELD_BYTES
 log = logging.getLogger("modelyard.catalog")
 
 TERMINAL_STATES = (model_pb2.MODEL_STATE_READY, model_pb2.MODEL_STATE_FAILED)
+MAX_FIND_WORKERS_BYTES = 16 * 1024 * 1024
+"""Most bytes of one FindWorkers answer (a quarter of the default message limit)."""
 
 
 def model_id_of(name: str, field_name: str = "name") -> str:
@@ -290,7 +292,9 @@ class Catalog:
         if model.HasField("llm") and model.llm.HasField("adapter"):
             await asyncio.to_thread(self._link_adapter_base, model)
 
-        checks = await asyncio.to_thread(validation.validate, path, detection, deep=False)
+        checks = await asyncio.to_thread(
+            validation.validate, path, detection, deep=False, allowed_roots=roots
+        )
         failed = [c for c in checks if c.outcome == worker_pb2.RULE_OUTCOME_FAIL]
         if failed:
             raise errors.InvalidArgument(
@@ -346,7 +350,13 @@ class Catalog:
         config_field = model.WhichOneof("config")
         stored = getattr(model, config_field) if config_field else None
         # The stored config, so files broken since the import show as failed checks.
-        checks = await asyncio.to_thread(validation.validate, path, stored, deep=deep)
+        checks = await asyncio.to_thread(
+            validation.validate,
+            path,
+            stored,
+            deep=deep,
+            allowed_roots=self.settings.resolved_allowed_roots(),
+        )
         missing = detection_missing_fields(stored) if stored is not None else []
         response = catalog_service_pb2.ValidateModelResponse(
             valid=all(c.outcome != worker_pb2.RULE_OUTCOME_FAIL for c in checks),
@@ -408,7 +418,13 @@ class Catalog:
                     resolved_from=catalog_service_pb2.RESOLVED_FROM_CATALOG,
                     name=model.name,
                 )
-        if "/" in reference and not reference.startswith("models/"):
+        if (
+            "/" in reference
+            and not reference.startswith("models/")
+            and sources.parse_hub_id(reference) is not None
+        ):
+            # Only hub ids go to the HF cache: a local path is no model name (it would
+            # otherwise be answered as RESOLVED_FROM_HF_CACHE).
             try:
                 resolved = await asyncio.to_thread(
                     sources.resolve,
@@ -425,11 +441,17 @@ class Catalog:
                     reason="MODEL_NOT_RESOLVED",
                     metadata={"model": reference},
                 ) from exc
-            return catalog_service_pb2.ResolveModelResponse(
-                local_path=str(resolved.path), resolved_from=catalog_service_pb2.RESOLVED_FROM_HF_CACHE
-            )
+            if resolved.kind in (sources.SourceKind.HF_CACHE, sources.SourceKind.HUB_DOWNLOAD):
+                return catalog_service_pb2.ResolveModelResponse(
+                    local_path=str(resolved.path), resolved_from=catalog_service_pb2.RESOLVED_FROM_HF_CACHE
+                )
+        hint = (
+            ""
+            if sources.parse_hub_id(reference) or "/" not in reference.removeprefix("models/")
+            else (" (a path is not a model name: import it, then resolve the name ImportModel gives it)")
+        )
         raise errors.NotFound(
-            f"{reference} not found; looked in: " + ", ".join(looked),
+            f"{reference} not found; looked in: " + ", ".join(looked) + hint,
             reason="MODEL_NOT_RESOLVED",
             metadata={"model": reference},
         )
@@ -523,11 +545,27 @@ class Catalog:
             self._lookup,
             lookup_outcomes=_memoized(self._outcomes_of),
         )
+        # Each worker is bounded when stored; the answer is bounded too (best matches first,
+        # then rejected workers), so many large workers cannot push it past the message limit.
         response = catalog_service_pb2.FindWorkersResponse()
-        for worker, report in matches:
-            response.matches.add(worker=worker, report=report)
-        for worker, report in rejected:
-            response.rejected.add(worker=worker, report=report)
+        used = 0
+        left_out = 0
+        for target, found in ((response.matches, matches), (response.rejected, rejected)):
+            for worker, report in found:
+                entry = catalog_service_pb2.WorkerMatch(worker=worker, report=report)
+                size = entry.ByteSize() + 8  # field tag and length
+                if used + size > MAX_FIND_WORKERS_BYTES:
+                    left_out += 1
+                    continue
+                target.append(entry)
+                used += size
+        if left_out:
+            log.warning(
+                "FindWorkers for %s left out %d worker(s) to stay under %d bytes",
+                model_name,
+                left_out,
+                MAX_FIND_WORKERS_BYTES,
+            )
         return response
 
     # ---- engine outcomes ----------------------------------------------------------------------

@@ -15,25 +15,25 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from catalog_service.paths import hf_repo_folder, inside, open_regular, resolve_link
 from modelyard.catalog.v1 import model_pb2
 from server_kit.errors import InvalidArgument, PermissionDenied
+
+__all__ = [
+    "SKIPPED_DIRS",
+    "copy_and_hash",
+    "copy_tree_and_hash",
+    "hash_file",
+    "hash_files",
+    "hf_repo_folder",
+    "iter_files",
+]
 
 CHUNK_BYTES = 4 * 1024 * 1024
 """Read size for hashing: large enough for ~2 GB/s sha256, small enough to stay in cache."""
 
 SKIPPED_DIRS = frozenset({".git", ".cache", "__pycache__"})
 """Folders that are tooling state, not model files (git metadata, huggingface_hub local_dir cache)."""
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
-
-
-def hf_repo_folder(path: Path) -> Path | None:
-    """The `models--org--name` folder when `path` is a snapshot `.../snapshots/<commit>` of an HF cache."""
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith(("models--", "datasets--")):
-        return path.parent.parent
-    return None
 
 
 def _outside(relative: str) -> PermissionDenied:
@@ -65,13 +65,8 @@ def iter_files(root: Path, allowed_roots: Sequence[Path] | None = None) -> Itera
             roots.append(repo.resolve())
 
     def real(path: Path, relative: str) -> Path:
-        try:
-            target = path.resolve(strict=False)
-        except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise InvalidArgument(
-                f"{relative} is a symbolic link loop.", reason="SYMLINK_LOOP", metadata={"path": relative}
-            ) from exc
-        if roots is not None and not _inside(target, roots):
+        target = resolve_link(path, relative)
+        if roots is not None and not inside(target, roots):
             raise _outside(relative)
         return target
 
@@ -116,7 +111,7 @@ def hash_file(path: Path) -> tuple[int, str]:
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
     size = 0
-    with path.open("rb", buffering=0) as handle:
+    with open_regular(path, path.name) as handle:
         while True:
             count = handle.readinto(view)
             if not count:
@@ -161,7 +156,7 @@ def copy_and_hash(
     view = memoryview(buffer)
     size = 0
     try:
-        with source.open("rb", buffering=0) as reader, partial.open("wb") as writer:
+        with open_regular(source, source.name) as reader, partial.open("wb") as writer:
             while True:
                 count = reader.readinto(view)
                 if not count:

@@ -32,7 +32,8 @@ class CatalogSettings(CommonSettings):
     allowed_roots: list[Path] = setting(
         [],
         "MODELYARD_CATALOG_ALLOWED_ROOTS",
-        "folders imports may read from (:-separated); default DATA_DIR, HF cache, working directory",
+        "folders imports may read from (:-separated); default DATA_DIR only (hub ids read the HF cache "
+        "whatever this says)",
     )
     hf_cache_dir: Path | None = setting(
         None, "MODELYARD_HF_CACHE", "HF hub cache folder; default as huggingface_hub"
@@ -64,6 +65,11 @@ class CatalogSettings(CommonSettings):
         return {name.strip(): Path(path.strip()).expanduser() for name, path in pairs}
 
     def resolved_allowed_roots(self) -> list[Path]:
-        """Allowed import roots, resolved."""
-        roots = self.allowed_roots or [self.data_dir, self.resolved_hf_cache(), Path.cwd()]
+        """Allowed import roots, resolved: the setting, else the data directory only.
+
+        Never the working directory: a catalog started in `/` or a home folder must not
+        read everything below it. Hub ids are read from the HF cache regardless (each
+        snapshot is confined to its own repo folder).
+        """
+        roots = self.allowed_roots or [self.data_dir]
         return [root.expanduser().resolve() for root in roots]

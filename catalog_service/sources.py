@@ -31,8 +31,9 @@ from catalog_service.detection.common import (
     is_pickle_weights,
 )
 from catalog_service.hashing import iter_files
+from catalog_service.paths import inside, is_special, not_regular_error, outside_error, resolve_link
 from modelyard.catalog.v1 import model_pb2
-from server_kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +133,6 @@ def _roots(allowed_roots: Sequence[Path]) -> list[Path]:
     return [Path(r).expanduser().resolve() for r in allowed_roots]
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
-
-
-def _outside_error(text: str) -> PermissionDenied:
-    return PermissionDenied(
-        f"{text} is outside the folders the catalog may read (its allowed roots); "
-        "put the model inside an allowed root or ask an operator to add its folder.",
-        reason="PATH_OUTSIDE_ALLOWED_ROOTS",
-        metadata={"path": text},
-    )
-
-
 def confine(path: Path | str, allowed_roots: Sequence[Path]) -> Path:
     """Resolve `path` (symlinks followed) and require it to lie inside an allowed root.
 
@@ -156,11 +144,12 @@ def confine(path: Path | str, allowed_roots: Sequence[Path]) -> Path:
             every root, or a symlink escaping them (checked before existence, so nothing is
             revealed about files outside).
         NotFound: `PATH_NOT_FOUND` when the (confined) path does not exist.
+        InvalidArgument: `NOT_A_REGULAR_FILE` for a FIFO, socket or device.
     """
     text = str(path)
     candidate = Path(text).expanduser()
     if ".." in candidate.parts:
-        raise _outside_error(text)
+        raise outside_error(text)
     if not candidate.is_absolute():
         raise InvalidArgument(
             f"{text} is not an absolute path; give the full path of the model folder or file.",
@@ -168,16 +157,13 @@ def confine(path: Path | str, allowed_roots: Sequence[Path]) -> Path:
             metadata={"path": text},
         )
     roots = _roots(allowed_roots)
-    try:
-        resolved = candidate.resolve(strict=False)
-    except (RuntimeError, OSError) as exc:
-        raise InvalidArgument(
-            f"{text} is a symbolic link loop.", reason="SYMLINK_LOOP", metadata={"path": text}
-        ) from exc
-    if not _inside(resolved, roots):
-        raise _outside_error(text)
+    resolved = resolve_link(candidate, text)
+    if not inside(resolved, roots):
+        raise outside_error(text)
     if not resolved.exists():
         raise NotFound(f"{text} does not exist.", reason="PATH_NOT_FOUND", metadata={"path": text})
+    if is_special(resolved):
+        raise not_regular_error(text)
     if resolved.is_dir():
         for _ in iter_files(resolved, roots):  # raises on a link leading outside
             pass

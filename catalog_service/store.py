@@ -13,8 +13,13 @@ cached entry is only reused when the row is unchanged, across replicas too.
 
 Workers: the state a worker reports (HEALTHY or DRAINING) is stored; whether
 it is UNAVAILABLE is derived at read time from its last heartbeat and the
-store's `heartbeat_ttl`, so an expired worker needs no sweeper and comes back
-with its next heartbeat.
+store's `heartbeat_ttl`, and it comes back with its next heartbeat. A worker
+silent for `worker_retention` (10 TTLs) is swept (`sweep_workers`, run at every
+registration and periodically by the app); it registers again when it returns.
+
+Bounds: every string stored in a model or worker is bounded (`MAX_STRING_BYTES`,
+more for free text: `STRING_LIMITS`), and so is each whole entry; listings are
+cut by bytes (`paging.MAX_PAGE_BYTES`) as well as by count.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from server_kit.errors import (
     Unavailable,
 )
 from server_kit.filtering import Term, filter_error
+from server_kit.security import check_stored_strings
 
 ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 MODEL_PREFIX = "models/"
@@ -94,6 +100,16 @@ MAX_LABEL_KEY_CHARS = 256
 MAX_LABEL_VALUE_CHARS = 256
 MAX_INDEXED_BYTES = 2048
 MAX_SOURCE_KEY_BYTES = 1024
+MAX_STRING_BYTES = 4096
+"""Default bound of every string stored in a model or worker (names, paths, messages, ...)."""
+STRING_LIMITS: dict[str, int] = {"description": 64 * 1024, "chat_template": 256 * 1024, "message": 16 * 1024}
+"""Larger bounds of the few fields that hold free text, by field name."""
+MAX_MODEL_BYTES = 4 * 1024 * 1024
+"""Bound of one stored model (its serialized proto: mostly its file list)."""
+MAX_WORKER_BYTES = 256 * 1024
+"""Bound of one stored worker (capabilities, loaded models)."""
+WORKER_RETENTION_TTLS = 10
+"""An expired worker's row is swept this many heartbeat TTLs after its last heartbeat."""
 
 _CONFIG_KINDS = {
     "llm": model_pb2.MODEL_KIND_LLM,
@@ -148,12 +164,21 @@ def _check_id(value: str, what: str, field: str) -> None:
 
 
 def _check_bytes(field: str, value: str, limit: int) -> None:
+    if len(value) * 4 <= limit:
+        return  # at most 4 UTF-8 bytes a character: no need to encode
     if len(value.encode()) > limit:
         raise InvalidArgument(
             f"{field} is too long ({len(value.encode())} bytes; at most {limit})",
             reason="VALUE_TOO_LONG",
             violations=[FieldViolation(field, f"at most {limit} bytes")],
         )
+
+
+def _check_strings(message: Message, prefix: str, total_limit: int) -> None:
+    """Every string of `message` within its bound, the whole message within `total_limit`."""
+    check_stored_strings(
+        message, prefix, total_limit=total_limit, default_limit=MAX_STRING_BYTES, limits=STRING_LIMITS
+    )
 
 
 def model_id_of(name: str) -> str:
@@ -277,6 +302,8 @@ class CatalogStore:
 
     `url`: a SQLAlchemy URL (`sqlite:///path/catalog.db`, `postgresql+psycopg://...`).
     `heartbeat_ttl`: seconds after the last heartbeat that a worker turns UNAVAILABLE.
+    `worker_retention`: seconds after the last heartbeat that its row is swept (default
+    `WORKER_RETENTION_TTLS` TTLs).
     `clock`: returns the current timezone-aware time (tests pass a fake one).
     `auto_migrate`: upgrade the schema to the latest revision on construction.
     `cache_size`: parsed entries kept in memory (0 disables the cache).
@@ -287,6 +314,7 @@ class CatalogStore:
         url: str | URL,
         *,
         heartbeat_ttl: float = 30.0,
+        worker_retention: float | None = None,
         clock: Clock | None = None,
         auto_migrate: bool = True,
         cache_size: int = 10_000,
@@ -294,6 +322,9 @@ class CatalogStore:
     ) -> None:
         self.engine = engine or db.make_engine(url)
         self.heartbeat_ttl = float(heartbeat_ttl)
+        self.worker_retention = float(
+            worker_retention if worker_retention is not None else WORKER_RETENTION_TTLS * self.heartbeat_ttl
+        )
         self.clock: Clock = clock or utc_now
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._postgres = self.engine.dialect.name == "postgresql"
@@ -433,22 +464,33 @@ class CatalogStore:
         size = paging.page_size(page_size)
         terms = filtering.parse_filter(filter, MODEL_FILTER_FIELDS)
         query = "models?" + filtering.canonical(terms)
-        last = paging.decode_page_token(page_token, query)
+        last = paging.decode_page_token(page_token, query, kinds=(str,))
         conditions = [self._model_condition(term) for term in terms]
         if last is not None:
             conditions.append(ModelRow.model_id > str(last[0]))
-        statement = (
-            select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+        # Sizes first, then the data of the entries that fit: a page is bounded by bytes
+        # as well as by count, and no more data than the page holds is read.
+        sizes = (
+            select(ModelRow.model_id, func.length(ModelRow.data).label("size"))
             .where(and_(true(), *conditions))
             .order_by(ModelRow.model_id)
             .limit(size + 1)
         )
         with self._read() as conn:
-            rows = conn.execute(statement).all()
-        models = [self._parse_model(r.model_id, r.etag, r.data) for r in rows[:size]]
-        next_token = ""
-        if len(rows) > size:
-            next_token = paging.encode_page_token([rows[size - 1].model_id], query)
+            listed = conn.execute(sizes).all()
+            count, more = paging.fit_page((int(r.size or 0) for r in listed), size)
+            ids = [r.model_id for r in listed[:count]]
+            rows = (
+                conn.execute(
+                    select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+                    .where(ModelRow.model_id.in_(ids))
+                    .order_by(ModelRow.model_id)
+                ).all()
+                if ids
+                else []
+            )
+        models = [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
+        next_token = paging.encode_page_token([ids[-1]], query) if more and ids else ""
         return models, next_token
 
     def update_model(self, model: model_pb2.Model, paths: Sequence[str]) -> model_pb2.Model:
@@ -692,6 +734,7 @@ class CatalogStore:
                     reason="INVALID_LABEL",
                     violations=[FieldViolation(f"model.labels.{key[:40]}", "key or value too long or empty")],
                 )
+        _check_strings(entry, "model", MAX_MODEL_BYTES)
 
     @staticmethod
     def _columns(entry: model_pb2.Model) -> dict[str, Any]:
@@ -940,6 +983,8 @@ class CatalogStore:
         if entry.state != worker_pb2.WORKER_STATE_DRAINING:
             entry.state = worker_pb2.WORKER_STATE_HEALTHY
         _check_bytes("worker.capabilities.engine", entry.capabilities.engine, MAX_INDEXED_BYTES)
+        _check_strings(entry, "worker", MAX_WORKER_BYTES)
+        self.sweep_workers()  # registrations are what adds rows: each one clears expired ones
         for attempt in range(3):
             now = self.clock()
             entry.last_heartbeat_time.FromDatetime(now)
@@ -1004,8 +1049,27 @@ class CatalogStore:
             if state != worker_pb2.WORKER_STATE_UNSPECIFIED:
                 entry.state = state  # type: ignore[assignment]
             entry.last_heartbeat_time.FromDatetime(now)
+            _check_strings(entry, "worker", MAX_WORKER_BYTES)
             self._fill_worker_row(row, entry, now)
         return self._derive_state(entry, now)
+
+    def sweep_workers(self) -> list[str]:
+        """Delete the workers whose last heartbeat is older than `worker_retention` seconds.
+
+        An expired worker shows as UNAVAILABLE for a while (routing and operators see
+        it went away), then its row goes: registrations cannot pile up rows forever. A
+        worker that comes back later registers again (its heartbeat answers
+        WORKER_NOT_FOUND). Returns the names deleted.
+        """
+        cutoff = self.clock() - timedelta(seconds=self.worker_retention)
+        with self._write() as session:
+            gone = session.scalars(
+                select(WorkerRow.worker_id).where(WorkerRow.last_heartbeat_time < cutoff)
+            ).all()
+            if gone:
+                session.execute(delete(WorkerRow).where(WorkerRow.worker_id.in_(gone)))
+        self._worker_cache.discard(gone)
+        return [WORKER_PREFIX + worker_id for worker_id in sorted(gone)]
 
     def delete_worker(self, worker_id: str) -> None:
         """Remove a worker's registration (NotFound, reason WORKER_NOT_FOUND, if absent)."""
@@ -1035,23 +1099,32 @@ class CatalogStore:
         size = paging.page_size(page_size)
         terms = filtering.parse_filter(filter, WORKER_FILTER_FIELDS)
         query = "workers?" + filtering.canonical(terms)
-        last = paging.decode_page_token(page_token, query)
+        last = paging.decode_page_token(page_token, query, kinds=(str,))
         now = self.clock()
         conditions = [self._worker_condition(term, now) for term in terms]
         if last is not None:
             conditions.append(WorkerRow.worker_id > str(last[0]))
-        statement = (
-            select(WorkerRow.worker_id, WorkerRow.data)
+        sizes = (
+            select(WorkerRow.worker_id, func.length(WorkerRow.data).label("size"))
             .where(and_(true(), *conditions))
             .order_by(WorkerRow.worker_id)
             .limit(size + 1)
         )
         with self._read() as conn:
-            rows = conn.execute(statement).all()
-        workers = [self._parse_worker(r.worker_id, r.data, now) for r in rows[:size]]
-        next_token = ""
-        if len(rows) > size:
-            next_token = paging.encode_page_token([rows[size - 1].worker_id], query)
+            listed = conn.execute(sizes).all()
+            count, more = paging.fit_page((int(r.size or 0) for r in listed), size)
+            ids = [r.worker_id for r in listed[:count]]
+            rows = (
+                conn.execute(
+                    select(WorkerRow.worker_id, WorkerRow.data)
+                    .where(WorkerRow.worker_id.in_(ids))
+                    .order_by(WorkerRow.worker_id)
+                ).all()
+                if ids
+                else []
+            )
+        workers = [self._parse_worker(r.worker_id, r.data, now) for r in rows]
+        next_token = paging.encode_page_token([ids[-1]], query) if more and ids else ""
         return workers, next_token
 
     def all_workers(self) -> list[worker_pb2.Worker]:

@@ -34,7 +34,7 @@ from catalog_service.detection.common import (
     read_json,
     read_json_object,
 )
-from catalog_service.detection.image import component_weight_files, pipeline_components
+from catalog_service.detection.image import component_folder, component_weight_files, pipeline_components
 from catalog_service.detection.llm import TOKENIZER_FILES, has_tokenizer, local_base_folder
 from catalog_service.detection.safetensors_header import (
     SafetensorsHeader,
@@ -44,6 +44,7 @@ from catalog_service.detection.safetensors_header import (
     read_header,
 )
 from catalog_service.hashing import SKIPPED_DIRS
+from catalog_service.paths import named_path
 from modelyard.catalog.v1 import catalog_service_pb2, model_pb2, worker_pb2
 from server_kit.errors import InvalidArgument, ModelyardError
 
@@ -171,7 +172,11 @@ def _as_detection(path: Path, detection_or_config: Detection | Any) -> Detection
 
 
 def validate(
-    path: Path | str, detection_or_config: Detection | Any | None = None, *, deep: bool = False
+    path: Path | str,
+    detection_or_config: Detection | Any | None = None,
+    *,
+    deep: bool = False,
+    allowed_roots: Sequence[Path] | None = None,
 ) -> list[Check]:
     """Run the checks for the model at `path`; see the module docstring.
 
@@ -179,7 +184,11 @@ def validate(
         path: the model folder or file.
         detection_or_config: the `Detection` of `path`, or a stored typed config
             (`LlmConfig`, `ImageConfig`, ...); detected from `path` when None.
-        deep: also load an LLM and run one forward pass.
+        deep: also load an LLM and run one forward pass (only when no other check failed:
+            a model whose files are refused is never loaded).
+        allowed_roots: where an adapter's local base model may be read from (None:
+            anywhere). Paths named inside the model's files (index shards, diffusers
+            components) must stay inside the model's own folder in any case.
 
     Returns:
         Every check, in order. The model is valid when none is FAIL.
@@ -189,7 +198,7 @@ def validate(
         return [Check("path_exists", FAIL, f"{root} does not exist; import the model again.")]
     if detection_or_config is None:
         try:
-            detection = detect(root)
+            detection = detect(root, allowed_roots=allowed_roots)
         except ModelyardError as exc:
             return [Check("model_detected", FAIL, exc.message)]
     else:
@@ -197,23 +206,33 @@ def validate(
 
     checks: list[Check] = []
     layout = detection.layout or _layout_of(root, detection.config)
-    if layout == "transformers":
-        checks += _transformers_checks(root, detection)
-    elif layout == "adapter":
-        checks += _adapter_checks(root, detection)
-    elif layout == "diffusers":
-        checks += _diffusers_checks(root, detection)
-    elif layout == "gguf":
-        checks += _gguf_checks(root if root.is_file() else _single(root, GGUF_SUFFIX), detection)
-    else:
-        checks += _single_file_checks(root if root.is_file() else _single(root, ".safetensors"), detection)
+    try:
+        if layout == "transformers":
+            checks += _transformers_checks(root, detection)
+        elif layout == "adapter":
+            checks += _adapter_checks(root, detection, allowed_roots)
+        elif layout == "diffusers":
+            checks += _diffusers_checks(root, detection)
+        elif layout == "gguf":
+            checks += _gguf_checks(root if root.is_file() else _single(root, GGUF_SUFFIX), detection)
+        else:
+            checks += _single_file_checks(
+                root if root.is_file() else _single(root, ".safetensors"), detection
+            )
+    except ModelyardError as exc:  # a path named in a file leads outside, a FIFO, ...
+        checks.append(Check("files_readable", FAIL, exc.message))
 
     for name in detection.missing_fields:
         hint = FIELD_HINTS.get(name, f"{name} could not be determined from the files")
         checks.append(Check(f"field_{name.replace('.', '_')}", WARN, f"{name} is unknown: {hint}."))
 
     if deep:
-        checks.append(_deep_check(root, detection, layout))
+        if any(c.outcome == FAIL for c in checks):
+            checks.append(
+                Check("forward_pass", SKIP, "not loaded: fix the failed checks first (nothing was loaded).")
+            )
+        else:
+            checks.append(_deep_check(root, detection, layout, allowed_roots))
     return checks
 
 
@@ -358,6 +377,39 @@ def _index_check(folder: Path, weights: WeightSet) -> Check | None:
     )
 
 
+NAMED_FILE_SOURCES = ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+"""Files whose `*_file` entries name other files that transformers opens when loading."""
+
+
+def _named_files_check(folder: Path) -> Check:
+    """Every `*_file` a tokenizer/processor config names stays inside the model's folder.
+
+    transformers opens such names as given (`tokenizer_file: /etc/x` would be read by the
+    deep check); they are file contents, confined like request paths.
+    """
+    problems: list[str] = []
+    for config_name in NAMED_FILE_SOURCES:
+        path = folder / config_name
+        if not path.is_file():
+            continue
+        try:
+            data = read_json(path, base=folder)
+        except InvalidArgument:
+            continue  # reported by json_parses
+        if not isinstance(data, dict):
+            continue
+        for key, value in data.items():
+            if not (isinstance(key, str) and key.endswith("_file") and isinstance(value, str) and value):
+                continue
+            try:
+                named_path(folder, value, base=folder)
+            except ModelyardError:
+                problems.append(f"{config_name} `{key[:60]}` names a file outside the model's folder")
+    if problems:
+        return Check("named_files_confined", FAIL, "; ".join(problems) + "; name files inside the folder.")
+    return Check("named_files_confined", PASS, "files named by the configs lie inside the model's folder.")
+
+
 def _chat_template_check(template: str) -> Check:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -390,6 +442,7 @@ def _transformers_checks(folder: Path, detection: Detection) -> list[Check]:
                 )
             )
     checks.append(_json_check(folder))
+    checks.append(_named_files_check(folder))
     files = model_weight_files(folder)
     pickles = sorted(p.name for p in folder.iterdir() if is_pickle_weights(p.name))
     if not files and not pickles:
@@ -466,8 +519,12 @@ def _transformers_checks(folder: Path, detection: Detection) -> list[Check]:
 # --------------------------------------------------------------------------- adapters
 
 
-def _adapter_checks(folder: Path, detection: Detection) -> list[Check]:
-    checks = [Check("adapter_config_present", PASS, "adapter_config.json is present."), _json_check(folder)]
+def _adapter_checks(folder: Path, detection: Detection, allowed_roots: Sequence[Path] | None) -> list[Check]:
+    checks = [
+        Check("adapter_config_present", PASS, "adapter_config.json is present."),
+        _json_check(folder),
+        _named_files_check(folder),
+    ]
     files = model_weight_files(folder, "adapter_model")
     if not files:
         pickled = [f"adapter_model{s}" for s in PICKLE_SUFFIXES if (folder / f"adapter_model{s}").is_file()]
@@ -512,7 +569,7 @@ def _adapter_checks(folder: Path, detection: Detection) -> list[Check]:
                 )
             else:
                 checks.append(Check("adapter_rank_matches", PASS, f"LoRA tensors have rank {adapter.rank}."))
-    base = local_base_folder(folder, adapter.base_model_name_or_path)
+    base = local_base_folder(folder, adapter.base_model_name_or_path, allowed_roots)
     if base is not None:
         checks.append(Check("base_model_available", PASS, f"the base model is a local folder ({base.name})."))
     elif adapter.base_model_name_or_path:
@@ -520,8 +577,9 @@ def _adapter_checks(folder: Path, detection: Detection) -> list[Check]:
             Check(
                 "base_model_available",
                 WARN,
-                f"the base model {adapter.base_model_name_or_path!r} is not a local folder; import it into "
-                "the catalog (or the HF cache) so the adapter can be linked and served.",
+                f"the base model {adapter.base_model_name_or_path!r} is not a local folder the catalog "
+                "may read; import it into the catalog (or the HF cache) so the adapter can be linked "
+                "and served.",
             )
         )
     return checks
@@ -544,7 +602,7 @@ def _diffusers_checks(folder: Path, detection: Detection) -> list[Check]:
     problems: list[str] = []
     weight_files: list[Path] = []
     for name, (library, cls) in sorted(components.items()):
-        component = folder / name
+        component = component_folder(folder, name)
         if not component.is_dir():
             problems.append(f"{name}/ ({cls}) is missing")
             continue
@@ -603,7 +661,7 @@ def _unet_check(folder: Path, components: dict[str, tuple[str, str]], weights: W
     widths = []
     for name in ("text_encoder", "text_encoder_2"):
         if name in components:
-            config = _read_optional(folder / name / "config.json", folder)
+            config = _read_optional(component_folder(folder, name) / "config.json", folder)
             width = config.get("hidden_size") if config is not None else None
             if isinstance(width, int):
                 widths.append(width)
@@ -692,7 +750,9 @@ def _single_file_checks(path: Path, detection: Detection) -> list[Check]:
 # --------------------------------------------------------------------------- deep check
 
 
-def _deep_check(root: Path, detection: Detection, layout: str) -> Check:
+def _deep_check(
+    root: Path, detection: Detection, layout: str, allowed_roots: Sequence[Path] | None = None
+) -> Check:
     if detection.kind != model_pb2.MODEL_KIND_LLM or layout == "single_file":
         return Check(
             "forward_pass",
@@ -706,7 +766,7 @@ def _deep_check(root: Path, detection: Detection, layout: str) -> Check:
             "forward_pass", SKIP, "the model needs trust_remote_code; the deep check never runs remote code."
         )
     try:
-        return _forward_pass(root, config, layout)
+        return _forward_pass(root, config, layout, allowed_roots)
     except Exception as exc:  # any load or runtime error is the check's answer
         log.info("deep check of %s failed", root, exc_info=True)
         return Check(
@@ -716,7 +776,9 @@ def _deep_check(root: Path, detection: Detection, layout: str) -> Check:
         )
 
 
-def _forward_pass(root: Path, config: model_pb2.LlmConfig, layout: str) -> Check:
+def _forward_pass(
+    root: Path, config: model_pb2.LlmConfig, layout: str, allowed_roots: Sequence[Path] | None
+) -> Check:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -729,7 +791,7 @@ def _forward_pass(root: Path, config: model_pb2.LlmConfig, layout: str) -> Check
     elif layout == "adapter":
         from peft import PeftModel
 
-        base = local_base_folder(root, config.adapter.base_model_name_or_path)
+        base = local_base_folder(root, config.adapter.base_model_name_or_path, allowed_roots)
         if base is None:
             return Check(
                 "forward_pass", SKIP, "the adapter's base model is not a local folder; import it first."

@@ -1,8 +1,9 @@
 """The `modelyard` command line.
 
-`modelyard serve {catalog,trainer,inference,all}` runs the servers (`all` is
-the embedded default: one process, SQLite under the data directory, ports
-50051/50052/50053). Client commands read addresses from flags or the
+`modelyard serve {catalog,trainer,inference,gateway,all}` runs the servers
+(`all` is the embedded default: one process, SQLite under the data directory,
+ports 50051/50052/50053, and the OpenAI-compatible HTTP gateway on
+127.0.0.1:8000). Client commands read addresses from flags or the
 `MODELYARD_{CATALOG,TRAINER,INFERENCE}_ADDRESS` environment variables.
 Exit codes: 0 success, 1 a failed RPC, 2 bad usage, 3 service unreachable.
 """
@@ -38,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the servers",
-        description="Run one service, or all three in one process (SQLite, ports 50051-50053).",
+        description="Run one service, or all three and the HTTP gateway in one process "
+        "(SQLite, ports 50051-50053, gateway 127.0.0.1:8000).",
     )
     serve.add_argument(
         "service",
-        choices=["catalog", "trainer", "inference", "all"],
-        help="the service to run; all runs the three in one process",
+        choices=["catalog", "trainer", "inference", "gateway", "all"],
+        help="the service to run; all runs the three and the gateway in one process",
     )
     add_arguments(CommonSettings, serve)
     serve.set_defaults(func=_serve)

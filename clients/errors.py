@@ -24,11 +24,15 @@ class ModelyardRpcError(Exception):
     field_violations: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = f"{self.code.name}: {self.message}"
+        # Messages can quote stored strings: control characters are shown escaped, so an
+        # error printed to a terminal cannot drive it (see `clients.output.printable`).
+        from clients.output import printable
+
+        text = f"{self.code.name}: {printable(self.message)}"
         if self.reason:
-            text += f" [{self.reason}]"
+            text += f" [{printable(self.reason)}]"
         for name, description in self.field_violations:
-            text += f"\n  {name}: {description}"
+            text += f"\n  {printable(name)}: {printable(description)}"
         return text
 
     @property

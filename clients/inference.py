@@ -189,6 +189,19 @@ class _Requests:
         return request
 
     @staticmethod
+    def embed(
+        model: str, inputs: Sequence[str], *, normalize: bool | None, request_id: str | None
+    ) -> pb.EmbedRequest:
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        request = pb.EmbedRequest(model=model_name(model), inputs=list(inputs))
+        if normalize is not None:
+            request.normalize = normalize
+        if request_id:
+            request.request_id = request_id
+        return request
+
+    @staticmethod
     def load(model: str, max_model_len: int | None) -> pb.LoadModelRequest:
         request = pb.LoadModelRequest(model=model_name(model))
         if max_model_len is not None:
@@ -347,6 +360,19 @@ class InferenceClient(SyncClient):
             chat_template=chat_template, request_id=request_id, options=options,
         )  # fmt: skip
         return self.stream("StreamChat", request, timeout=timeout)
+
+    def embed(
+        self,
+        model: str,
+        inputs: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.EmbedResponse:
+        """One vector per input text (`.embeddings[i].values`); an adapter id runs on its base."""
+        request = _Requests.embed(model, inputs, normalize=normalize, request_id=request_id)
+        return self.call("Embed", request, timeout=timeout)
 
     def generate_image(
         self,
@@ -507,6 +533,19 @@ class AsyncInferenceClient(AsyncClient):
             chat_template=chat_template, request_id=request_id, options=options,
         )  # fmt: skip
         return self.stream("StreamChat", request, timeout=timeout)
+
+    async def embed(
+        self,
+        model: str,
+        inputs: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.EmbedResponse:
+        """One vector per input text (see `InferenceClient.embed`)."""
+        request = _Requests.embed(model, inputs, normalize=normalize, request_id=request_id)
+        return await self.call("Embed", request, timeout=timeout)
 
     async def generate_image(
         self,

@@ -24,6 +24,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 LONG_TEXT = 80
 
+_BIDI_CONTROLS = frozenset(range(0x202A, 0x202F)) | frozenset(range(0x2066, 0x206A))
+_CONTROL_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x00, 0x20), *range(0x7F, 0xA0), *_BIDI_CONTROLS)
+}
+"""Control characters (C0, DEL, C1, bidi overrides) -> their escaped form (`\\x1b`)."""
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    """`text` with every control character escaped (`ESC` -> `\\x1b`), safe to print to a terminal.
+
+    Stored strings (display names, descriptions, messages) can hold ANSI escapes or
+    carriage returns that would redraw the screen or forge output; the CLI prints them
+    as visible escapes. With `keep_newlines`, `\\n` stays (layout of multi-line text).
+    """
+    value = str(text)
+    if keep_newlines:
+        return "\n".join(line.translate(_CONTROL_ESCAPES) for line in value.split("\n"))
+    return value.translate(_CONTROL_ESCAPES)
+
 
 def to_json(message: Message, *, indent: int | None = 2) -> str:
     """Proto JSON of `message` (camelCase names, like grpcurl); one line when `indent` is None."""
@@ -131,8 +151,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 def _cell(value: object) -> str:
     if value is None or value == "":
         return "-"
-    text = str(value).replace("\n", " ")
-    return text
+    return printable(str(value).replace("\n", " "))
 
 
 def key_values(pairs: Iterable[tuple[str, object]], *, indent: int = 0) -> str:
@@ -187,8 +206,8 @@ def _scalar(field: FieldDescriptor, value: Any) -> str:
         return number_text(value, 6)
     text = str(value)
     if len(text) > LONG_TEXT:
-        return f"{text[: LONG_TEXT - 20].replace(chr(10), ' ')}… ({len(text)} chars)"
-    return text
+        return f"{printable(text[: LONG_TEXT - 20].replace(chr(10), ' '))}… ({len(text)} chars)"
+    return printable(text)
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:

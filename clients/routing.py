@@ -124,9 +124,15 @@ class RouteTable:
     and drop an address when its worker turns out to be unavailable.
     """
 
+    MAX_ROUTES = 1024
+    """Most keys kept: keys are request-supplied model names, so the table is bounded."""
+
     def __init__(self, refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> None:
         self.refresh_seconds = refresh_seconds
         self._routes: dict[str, tuple[float, list[str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._routes)
 
     def get(self, key: str, now: float | None = None) -> list[str] | None:
         """The cached addresses for `key`, or None when missing, stale or emptied."""
@@ -137,8 +143,15 @@ class RouteTable:
         return list(entry[1])
 
     def put(self, key: str, addresses: Sequence[str], now: float | None = None) -> None:
-        """Remember `addresses` (best first) for `key`."""
-        self._routes[key] = (time.monotonic() if now is None else now, list(addresses))
+        """Remember `addresses` (best first) for `key`; stale routes go first when the table is full."""
+        now = time.monotonic() if now is None else now
+        self._routes.pop(key, None)
+        if len(self._routes) >= self.MAX_ROUTES:
+            for stale in [k for k, (at, _) in self._routes.items() if now - at > self.refresh_seconds]:
+                del self._routes[stale]
+            while len(self._routes) >= self.MAX_ROUTES:  # oldest first (insertion order)
+                del self._routes[next(iter(self._routes))]
+        self._routes[key] = (now, list(addresses))
 
     def forget(self, key: str, address: str) -> None:
         """Drop `address` from the route of `key` (its worker did not answer)."""
@@ -277,6 +290,10 @@ class RoutedInferenceClient:
             _route_key(model, adapter), lambda c: c.stream_chat(model, messages, adapter=adapter, **kwargs)
         )
 
+    def embed(self, model: str, inputs: Sequence[str], **kwargs: Any) -> pb.EmbedResponse:
+        """`InferenceClient.embed` on the best worker for the model."""
+        return self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs))
+
     def load_model(self, model: str, *, max_model_len: int | None = None) -> pb.LoadedModel:
         """Load `model` on the best worker for it."""
         return self._run(model_name(model), lambda c: c.load_model(model, max_model_len=max_model_len))
@@ -406,6 +423,10 @@ class AsyncRoutedInferenceClient:
         return self._stream(
             _route_key(model, adapter), lambda c: c.stream_chat(model, messages, adapter=adapter, **kwargs)
         )
+
+    async def embed(self, model: str, inputs: Sequence[str], **kwargs: Any) -> pb.EmbedResponse:
+        """`AsyncInferenceClient.embed` on the best worker for the model."""
+        return await self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs))
 
     async def load_model(self, model: str, *, max_model_len: int | None = None) -> pb.LoadedModel:
         """Load `model` on the best worker for it."""

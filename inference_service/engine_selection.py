@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ log = logging.getLogger("modelyard.inference")
 
 EngineFactory = Callable[[str, Path, int | None], Engine]
 """(engine name, model folder, max_model_len or None) -> a new, unstarted engine."""
+
+MAX_REMEMBERED = 1024
+"""Model-caused failures a selector remembers locally (oldest forgotten first)."""
 
 STAGES: dict[str, worker_pb2.EngineOutcomeStage.ValueType] = {
     "dry_run": worker_pb2.ENGINE_OUTCOME_STAGE_DRY_RUN,
@@ -80,7 +84,8 @@ class EngineSelector:
         self.preferred_engine = preferred_engine
         self.worker_name = ""
         """`workers/{id}` once the server registered; named in the outcomes it reports."""
-        self._unsupported: dict[tuple[str, str, str], ModelUnsupported] = {}
+        self._unsupported: OrderedDict[tuple[str, str, str], ModelUnsupported] = OrderedDict()
+        """(model, etag, engine) -> why that engine cannot run it; the newest `MAX_REMEMBERED`."""
 
     def candidates(self) -> list[str]:
         """Engine names to try, in order."""
@@ -149,7 +154,7 @@ class EngineSelector:
             except ModelUnsupported as exc:
                 with contextlib.suppress(Exception):
                     await engine.close()
-                self._unsupported[(model.name, model.etag, name)] = exc
+                self._remember(model, name, exc)
                 outcomes.append(await self._record(model, name, exc.stage, exc))
                 reasons.append(f"[{name}] {exc.message}")
                 unsupported = True
@@ -183,8 +188,17 @@ class EngineSelector:
 
     async def record_unsupported(self, model: model_pb2.Model, failure: ModelUnsupported) -> None:
         """Remember and report that `failure.engine` cannot run `model` (seen outside `start`)."""
-        self._unsupported[(model.name, model.etag, failure.engine)] = failure
+        self._remember(model, failure.engine, failure)
         await self._record(model, failure.engine, failure.stage, failure)
+
+    def _remember(self, model: model_pb2.Model, engine: str, failure: ModelUnsupported) -> None:
+        """Keep `failure` for the pair, the newest `MAX_REMEMBERED` pairs only (the catalog's
+        record is the lasting one; this one spares a crash when the catalog is unreachable)."""
+        key = (model.name, model.etag, engine)
+        self._unsupported[key] = failure
+        self._unsupported.move_to_end(key)
+        while len(self._unsupported) > MAX_REMEMBERED:
+            self._unsupported.popitem(last=False)
 
     async def _record(
         self, model: model_pb2.Model, name: str, stage: str, failure: ModelUnsupported | None

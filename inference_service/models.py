@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,36 @@ def image_adapter_mismatch(model: model_pb2.Model, adapter: model_pb2.Model) -> 
     )
 
 
+class KeyedLocks:
+    """One asyncio lock per key, kept only while someone holds or waits for it.
+
+    Keys come from requests (model names): a lock per name ever asked for would grow
+    without bound with random names, so each entry counts its users and goes away
+    with the last one.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of `key` for the block (waiting for the current holder)."""
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class ModelManager:
     """The engines of this server, keyed by catalog model name."""
 
@@ -153,7 +183,7 @@ class ModelManager:
         self.load_on_first_use = load_on_first_use
         self.max_concurrent_requests = max_concurrent_requests
         self._loaded: dict[str, LoadedModel] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._loading = KeyedLocks()
         self._running = 0
         self.image_engine_factory = image_engine_factory
         self._images: dict[str, LoadedImageModel] = {}
@@ -214,8 +244,7 @@ class ModelManager:
                 return loaded
         if name in self._failed:
             return await self._load_failed(name)
-        lock = self._loading.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._loading.hold(name):
             if name in self._loaded:
                 return self._loaded[name]
             model = await self._catalog_model(name)
@@ -445,7 +474,7 @@ class ModelManager:
     async def _reload(self, old: LoadedModel) -> LoadedModel:
         """A new engine for `old`'s model and adapters (no catalog call: it may be down too)."""
         name = old.model.name
-        async with self._loading.setdefault(name, asyncio.Lock()):
+        async with self._loading.hold(name):
             if name in self._loaded:
                 return self._loaded[name]
             engine = self.engine_factory(old.engine.name, Path(old.model.local_path), old.max_model_len)
@@ -511,7 +540,7 @@ class ModelManager:
         name = model_name(name)
         if name in self._images:
             return self._images[name]
-        async with self._loading.setdefault(name, asyncio.Lock()):
+        async with self._loading.hold(name):
             if name in self._images:
                 return self._images[name]
             if model is None:

@@ -22,6 +22,10 @@ from inference_service.metrics import InferenceMetrics
 from inference_service.models import LoadedImageModel, LoadedModel, ModelManager
 from modelyard.inference.v1 import inference_service_pb2 as pb
 from modelyard.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from server_kit.errors import FieldViolation, InvalidArgument
+
+MAX_EMBED_INPUTS = 2048
+"""Most inputs one Embed request may carry (OpenAI's limit)."""
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -276,6 +280,31 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     finish_reason=_FINISH[delta.finish_reason],
                     usage=_usage(delta.usage) if delta.usage else None,
                 )
+
+    async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
+        if not request.inputs:
+            raise InvalidArgument(
+                "inputs is required",
+                reason="MISSING_FIELD",
+                violations=[FieldViolation("inputs", "required")],
+            )
+        if len(request.inputs) > MAX_EMBED_INPUTS:
+            raise InvalidArgument(
+                f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(request.inputs)}",
+                reason="TOO_MANY_INPUTS",
+                violations=[FieldViolation("inputs", f"at most {MAX_EMBED_INPUTS}")],
+            )
+        with self.manager.admit():
+            loaded, adapter_id = await self.manager.target(request.model)
+            normalize = request.normalize if request.HasField("normalize") else True
+            inputs = list(request.inputs)
+            result = await loaded.engine.embed(inputs, adapter_id=adapter_id, normalize=normalize)
+        return pb.EmbedResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            model=loaded.model.name,
+            embeddings=[pb.Embedding(index=i, values=vector) for i, vector in enumerate(result.vectors)],
+            usage=pb.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+        )
 
     async def GenerateImage(
         self, request: pb.GenerateImageRequest, context: aio.ServicerContext

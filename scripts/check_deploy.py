@@ -47,7 +47,14 @@ COMPOSE_SCHEMA = DOCKER_DIR / "schemas" / "compose-spec.json"
 # Services the compose file must define.
 REQUIRED_SERVICES = ("postgres", "migrate", "catalog", "trainer", "inference")
 # Packages whose string literals declare the `MODELYARD_*` variables the code reads.
-CODE_PACKAGES = ("server_kit", "catalog_service", "trainer_service", "inference_service", "clients")
+CODE_PACKAGES = (
+    "server_kit",
+    "catalog_service",
+    "trainer_service",
+    "inference_service",
+    "clients",
+    "gateway",
+)
 # Kubernetes versions the manifests must be valid for: the first with GA gRPC probes, and
 # the newest whose schemas kubernetes-validate ships.
 K8S_MIN_VERSION = "1.27.0"
@@ -664,12 +671,15 @@ def _check_pod(
         problems += env.check(env_names)
         if kind_long_running and container in (spec.get("containers") or []):
             ports = {str(p.get("containerPort")) for p in container.get("ports") or []}
+            names = {str(p.get("name")) for p in container.get("ports") or [] if p.get("name")}
             for probe in ("livenessProbe", "readinessProbe"):
-                grpc = (container.get(probe) or {}).get("grpc")
-                if grpc is None:
-                    problems.append(f"{here}: no gRPC {probe}")
-                elif str(grpc.get("port")) not in ports:
-                    problems.append(f"{here}: {probe} port {grpc.get('port')} is not a container port")
+                # gRPC servers: a gRPC probe; the HTTP gateway: an HTTP GET of its /health.
+                spec_of = container.get(probe) or {}
+                check = spec_of.get("grpc") or spec_of.get("httpGet")
+                if check is None:
+                    problems.append(f"{here}: no gRPC {probe} (an httpGet one for the HTTP gateway)")
+                elif str(check.get("port")) not in ports | names:
+                    problems.append(f"{here}: {probe} port {check.get('port')} is not a container port")
     return problems
 
 

@@ -87,6 +87,9 @@ class AuditLog:
         """The audit log `MODELYARD_AUDIT_LOG` asks for: a path ('' = DATA_DIR/audit.log), '-', or 'off'.
 
         Servers of one process that name the same file share one `AuditLog`.
+
+        Raises:
+            ValueError: naming `MODELYARD_AUDIT_LOG` when the file cannot be opened.
         """
         value = value.strip()
         if value.lower() == AUDIT_OFF:
@@ -96,7 +99,14 @@ class AuditLog:
         path = (Path(value).expanduser() if value else data_dir / "audit.log").resolve()
         with _open_lock:
             if path not in _open_logs:
-                _open_logs[path] = cls(path)
+                try:
+                    _open_logs[path] = cls(path)
+                except OSError as exc:  # a read-only data dir, a file where a folder should be
+                    raise ValueError(
+                        f"MODELYARD_AUDIT_LOG: cannot open the audit log {path}: "
+                        f"{exc.strerror or type(exc).__name__}; make its folder writable, point "
+                        "MODELYARD_AUDIT_LOG elsewhere ('-' for standard output) or set it to 'off'"
+                    ) from None
             return _open_logs[path]
 
     def write(self, entry: AuditEntry) -> None:

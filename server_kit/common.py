@@ -78,19 +78,26 @@ def make_server(
 
     Prometheus metrics are served on `metrics_port` (default: the service settings'
     `metrics_port`; 0: off), on the host of `listen`.
+
+    Raises:
+        SystemExit: with one line naming the setting, when a security setting is wrong.
     """
     if metrics_port is None:
         metrics_port = int(getattr(settings, "metrics_port", 0))
     metrics_listen = f"{listen.rsplit(':', 1)[0]}:{metrics_port}" if metrics_port > 0 else None
-    guard = security.server_security(
-        tls_cert=settings.tls_cert,
-        tls_key=settings.tls_key,
-        tls_client_ca=settings.tls_client_ca,
-        tokens_file=settings.tokens_file,
-        tokens=settings.tokens,
-        audit_log=settings.audit_log,
-        data_dir=settings.data_dir,
-    )
+    try:
+        guard = security.server_security(
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_client_ca=settings.tls_client_ca,
+            tokens_file=settings.tokens_file,
+            tokens=settings.tokens,
+            audit_log=settings.audit_log,
+            data_dir=settings.data_dir,
+        )
+    except ValueError as exc:
+        # A bad setting (TLS files, tokens, the audit log): one line naming it, no traceback.
+        raise SystemExit(f"cannot start {', '.join(app.service_names)}: {exc}") from None
     return GrpcServer(
         app,
         listen,

@@ -11,7 +11,11 @@ available to logs, and turns exceptions into statuses:
   stack trace goes to the log, never to the client.
 
 A request body that is not a valid protobuf message is answered
-INVALID_ARGUMENT (reason MALFORMED_REQUEST): gRPC itself would send UNKNOWN.
+INVALID_ARGUMENT (reason MALFORMED_REQUEST): gRPC itself would send UNKNOWN. The
+body is parsed leniently by the `ErrorInterceptor` and refused by
+`MalformedRequestInterceptor`, the innermost one: authentication (the
+`SecurityInterceptor`, between them) answers first, so a caller without a valid
+token gets UNAUTHENTICATED whatever bytes it sends.
 """
 
 from __future__ import annotations
@@ -127,7 +131,6 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 token = request_id_var.set(request_id)
                 started = time.perf_counter()
                 try:
-                    _refuse_malformed(request)
                     result = inner(request, context)
                     if inspect.isawaitable(result):
                         result = await result
@@ -158,7 +161,6 @@ class ErrorInterceptor(aio.ServerInterceptor):
             request_id = _request_id(context)
             token = request_id_var.set(request_id)
             try:
-                _refuse_malformed(request)
                 result = inner_stream(request, context)
                 if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                     async for item in result:
@@ -186,3 +188,50 @@ class ErrorInterceptor(aio.ServerInterceptor):
             handler.request_deserializer if handler.stream_stream else _lenient(handler.request_deserializer)
         )
         return make_stream(stream, stream_deserializer, handler.response_serializer)
+
+
+class MalformedRequestInterceptor(aio.ServerInterceptor):
+    """Refuses a request whose bytes did not parse (`MALFORMED_REQUEST`); goes innermost.
+
+    It runs after every other interceptor (authentication included), right before the
+    servicer, which therefore only ever sees parsed messages.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.stream_unary or handler.stream_stream:
+            return handler  # request streams are parsed by gRPC itself
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                _refuse_malformed(request)
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            _refuse_malformed(request)
+            result = inner_stream(request, context)
+            if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                await result
+            else:
+                for item in result:
+                    yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )

@@ -119,6 +119,7 @@ METHOD_ROLES: Mapping[str, str] = {
     _INFERENCE + "Chat": READER,
     _INFERENCE + "StreamChat": READER,
     _INFERENCE + "GenerateImage": READER,
+    _INFERENCE + "Embed": READER,
     _INFERENCE + "LoadModel": ADMIN,
     _INFERENCE + "UnloadModel": ADMIN,
     _INFERENCE + "ListLoadedModels": READER,
@@ -373,6 +374,67 @@ def check_bounds(request: Any) -> None:
                 metadata={"field": name, "limit": limit},
                 violations=[errors.FieldViolation(name, f"at most {limit} bytes")],
             )
+
+
+def check_stored_strings(
+    message: Message,
+    prefix: str,
+    *,
+    total_limit: int,
+    default_limit: int = 4096,
+    limits: Mapping[str, int] | None = None,
+) -> None:
+    """Refuse (`VALUE_TOO_LONG`, naming the field) a message about to be stored with a string
+    over its bound (`limits` by field name, else `default_limit`), nested fields, repeated
+    fields and maps included, or with more than `total_limit` bytes in all.
+
+    Everything a server stores is bounded this way, so no entry can make a listing
+    exceed the gRPC message limit.
+    """
+    size = message.ByteSize()
+    if size > total_limit:
+        raise errors.InvalidArgument(
+            f"{prefix} is too large ({size} bytes; at most {total_limit})",
+            reason="VALUE_TOO_LONG",
+            violations=[errors.FieldViolation(prefix, f"at most {total_limit} bytes in all")],
+        )
+    _walk_strings(message, prefix, default_limit, limits or {})
+
+
+def _check_length(path: str, value: str, limit: int) -> None:
+    if len(value) * 4 <= limit:
+        return  # at most 4 UTF-8 bytes a character
+    size = len(value.encode())
+    if size > limit:
+        raise errors.InvalidArgument(
+            f"{path} is too long ({size} bytes; at most {limit})",
+            reason="VALUE_TOO_LONG",
+            metadata={"field": path[:200], "limit": limit},
+            violations=[errors.FieldViolation(path[:200], f"at most {limit} bytes")],
+        )
+
+
+def _walk_strings(message: Message, prefix: str, default: int, limits: Mapping[str, int]) -> None:
+    for field, value in message.ListFields():
+        path = f"{prefix}.{field.name}"
+        limit = limits.get(field.name, default)
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if isinstance(key, str):
+                        _check_length(f"{path} key", key, default)
+                    if isinstance(item, str):
+                        _check_length(f"{path}[{str(key)[:40]}]", item, limit)
+                    elif isinstance(item, Message):
+                        _walk_strings(item, f"{path}[{str(key)[:40]}]", default, limits)
+            elif field.is_repeated:
+                for index, item in enumerate(value):
+                    _walk_strings(item, f"{path}[{index}]", default, limits)
+            else:
+                _walk_strings(value, path, default, limits)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            for item in value if field.is_repeated else [value]:
+                _check_length(path, item, limit)
 
 
 # -------------------------------------------------------------------------------- interceptor

@@ -26,15 +26,16 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server_kit import errors, tracing
-from server_kit.interceptors import ErrorInterceptor
+from server_kit.interceptors import ErrorInterceptor, MalformedRequestInterceptor
 from server_kit.metrics import ServerMetrics
 from server_kit.security import SecurityInterceptor
 
@@ -69,6 +70,41 @@ class ServiceApp(Protocol):
         """Release resources; called after the server has drained."""
 
 
+class SymbolPool:
+    """The descriptor pool reflection answers from, resolving method and field symbols too.
+
+    protobuf's pool finds the file of a service, message or enum, not of
+    `pkg.Service.Method` or `pkg.Message.field`; `grpcurl describe Service.Method`
+    asks exactly that. Everything else is the wrapped pool's.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        """The file defining `symbol`: a type, or a method, field or enum value of one."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            parent, _, member = symbol.rpartition(".")
+            if parent and member:
+                for find, members in (
+                    (self._pool.FindServiceByName, "methods_by_name"),
+                    (self._pool.FindMessageTypeByName, "fields_by_name"),
+                    (self._pool.FindEnumTypeByName, "values_by_name"),
+                ):
+                    try:
+                        owner = find(parent)
+                    except KeyError:
+                        continue
+                    if member in getattr(owner, members):
+                        return owner.file
+            raise
+
+
 class GrpcServer:
     """One app on one address, with health, reflection and graceful shutdown."""
 
@@ -92,7 +128,9 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         # The first interceptor wraps the others: the ErrorInterceptor goes first so that
         # errors raised by later ones (auth: UNAUTHENTICATED, PERMISSION_DENIED) are mapped too.
-        self._interceptors = [ErrorInterceptor(), *interceptors]
+        # MalformedRequestInterceptor goes last (innermost): a body that does not parse is
+        # refused only after authentication, so a caller without a token learns nothing.
+        self._interceptors = [ErrorInterceptor(), *interceptors, MalformedRequestInterceptor()]
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -125,7 +163,7 @@ class GrpcServer:
             use_health(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self._server)
+        reflection.enable_server_reflection(names, self._server, pool=SymbolPool(descriptor_pool.Default()))
         if self._credentials is not None:
             self.port = self._server.add_secure_port(self.address, self._credentials)
         else:

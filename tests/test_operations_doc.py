@@ -1,12 +1,13 @@
 """docs/operations.md works as written, and stays complete.
 
-The recipes: every ```bash block that calls grpcurl is run, in document order, with the
-real grpcurl binary against the three services started once for this module as real
-processes (catalog, trainer, inference with the transformers engine, which starts
-fastest here; the inference worker registers as `inference-1`, the name the document
-uses). The only change made to a block is the addresses: `localhost:50051/50052/50053`
-become the test servers'. The ```text block right after a recipe is its expected
-output: each of its lines must appear in what grpcurl printed (`…` matches anything),
+The recipes: every ```bash block that calls grpcurl (or curl) is run, in document order,
+with the real grpcurl and curl binaries against the three services and the HTTP gateway,
+started once for this module as real processes (catalog, trainer, inference with the
+transformers engine, which starts fastest here; the inference worker registers as
+`inference-1`, the name the document uses). The only change made to a block is the
+addresses: `localhost:50051/50052/50053/8000` become the test servers'. The ```text
+block right after a recipe is its expected output: each of its lines must appear in
+what the recipe printed (`…` matches anything),
 and a block with an `ERROR:` line documents a failing call (non-zero exit code), any
 other one a succeeding call. A recipe preceded by `<!-- doc-test: skip (why) -->` is
 not run.
@@ -24,6 +25,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, ROOT, ServerProcess
+from tests.helpers import BIN, ROOT, ServerProcess, free_port
 
 DOC = ROOT / "docs" / "operations.md"
 DEPLOYMENT = ROOT / "docs" / "deployment.md"
@@ -41,7 +45,7 @@ REASON_PACKAGES = ("catalog_service", "trainer_service", "inference_service", "s
 
 @dataclass
 class Recipe:
-    """A ```bash block that calls grpcurl, with the ```text block that follows it."""
+    """A ```bash block that calls grpcurl or curl, with the ```text block that follows it."""
 
     line: int
     code: str
@@ -50,12 +54,12 @@ class Recipe:
 
 
 def recipes(text: str) -> list[Recipe]:
-    """The grpcurl recipes of the document, in order."""
+    """The grpcurl and curl recipes of the document, in order."""
     blocks = list(re.finditer(r"^```(\w*)\n(.*?)^```[ \t]*$", text, flags=re.S | re.M))
     found = []
     for index, block in enumerate(blocks):
         language, code = block.group(1), block.group(2)
-        if language != "bash" or "grpcurl" not in code:
+        if language != "bash" or "curl" not in code:  # grpcurl, or curl for the gateway
             continue
         expected = None
         if index + 1 < len(blocks):
@@ -85,6 +89,8 @@ def test_the_recipes_cover_every_service_and_the_rpcs_operators_need() -> None:
     run = "\n".join(recipe.code for recipe in recipes(DOC.read_text()) if not recipe.skip)
     for port in ("50051", "50052", "50053"):
         assert f"localhost:{port} list" in run
+    for route in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics"):
+        assert f"localhost:8000{route}" in run, f"no recipe calls the gateway's {route}"
     assert "describe modelyard.catalog.v1.CatalogService" in run
     for service in (
         "catalog.v1.CatalogService",
@@ -147,6 +153,7 @@ def test_every_error_reason_in_the_code_has_a_row_in_the_document() -> None:
 
 def test_every_setting_is_documented() -> None:
     from catalog_service.settings import CatalogSettings
+    from gateway.settings import GatewaySettings
     from inference_service.settings import InferenceSettings
     from server_kit.common import CommonSettings
     from trainer_service.settings import TrainerSettings
@@ -154,7 +161,7 @@ def test_every_setting_is_documented() -> None:
     documented = DOC.read_text() + DEPLOYMENT.read_text()
     variables = {
         field.metadata["env"]
-        for cls in (CommonSettings, CatalogSettings, TrainerSettings, InferenceSettings)
+        for cls in (CommonSettings, CatalogSettings, TrainerSettings, InferenceSettings, GatewaySettings)
         for field in dataclasses.fields(cls)
         if field.metadata.get("env")
     }
@@ -173,6 +180,7 @@ class Stack:
     catalog: ServerProcess
     trainer: ServerProcess
     inference: ServerProcess
+    gateway: str
     folder: Path
 
 
@@ -211,6 +219,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log_path=folder / "inference.log",
     )
     processes = [inference, trainer, catalog]
+    gateway_address = f"127.0.0.1:{free_port()}"
+    gateway_log = open(folder / "gateway.log", "wb")  # noqa: SIM115
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--address", gateway_address, "--catalog-address", catalog.address],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=gateway_log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     try:
         build_llm(folder / "tiny-llama")  # python -m tinymodels llm ./tiny-llama
         (folder / "chat.jsonl").write_bytes(
@@ -218,12 +235,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         for process in processes:
             process.wait_serving(timeout=180)
-        yield Stack(catalog, trainer, inference, folder)
+        _wait_http(f"http://{gateway_address}/health", gateway, folder / "gateway.log")
+        yield Stack(catalog, trainer, inference, gateway_address, folder)
     finally:
+        gateway.terminate()
         for process in processes:
             process.terminate(signal.SIGTERM)
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+        gateway_log.close()
         for process in processes:
             process.stop(timeout=30)
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Wait until `url` answers 200; fail with the log when the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer: {log.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.mark.slow
@@ -233,6 +273,7 @@ def test_the_grpcurl_recipes_work_as_written(stack: Stack) -> None:
         "localhost:50051": stack.catalog.address,
         "localhost:50052": stack.trainer.address,
         "localhost:50053": stack.inference.address,
+        "localhost:8000": stack.gateway,
     }
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     ran = skipped = 0

@@ -177,3 +177,25 @@ async def test_graceful_stop_lets_in_flight_rpc_finish(raising_server: GrpcServe
     _RaisingApp.release.set()
     assert await asyncio.wait_for(call, 10) == b"done"
     await asyncio.wait_for(stopping, 10)
+
+
+def test_reflection_resolves_method_and_message_symbols(tmp_path: Path) -> None:
+    """`grpcurl describe Service.Method` (what ops users type) works, as do messages and enums."""
+    from catalog_service.app import CatalogApp
+    from catalog_service.settings import CatalogSettings
+    from tests.servers import ThreadedServer
+
+    server = ThreadedServer(CatalogApp(CatalogSettings(data_dir=tmp_path, allowed_roots=[tmp_path])))
+    try:
+        for symbol, expected in (
+            ("modelyard.catalog.v1.CatalogService.GetModel", "rpc GetModel"),
+            ("modelyard.catalog.v1.CatalogService.WatchModel", "returns ( stream"),
+            ("grpc.health.v1.Health.Check", "rpc Check"),
+            ("modelyard.catalog.v1.GetModelRequest", "message GetModelRequest"),
+            ("modelyard.catalog.v1.ResolvedFrom", "enum ResolvedFrom"),
+        ):
+            described = grpcurl(server.target, "describe", symbol)
+            assert described.returncode == 0, (symbol, described.stderr)
+            assert expected in described.stdout, (symbol, described.stdout)
+    finally:
+        server.stop()

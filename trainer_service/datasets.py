@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -168,9 +169,22 @@ class LoadedRows:
     origin: str
 
 
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _is_special(path: Path) -> bool:
+    """A FIFO, socket or device (reading one blocks or never ends)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _confined(path: Path, roots: Sequence[Path]) -> Path:
     resolved = path.expanduser().resolve()
-    if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    if roots and not _inside(resolved, roots):
         raise InvalidArgument(
             f"dataset path {path} is outside the folders this trainer may read "
             f"({', '.join(str(r) for r in roots)})",
@@ -301,8 +315,22 @@ def load_rows(
             violations=[FieldViolation("dataset.source", "required")],
         )
     path = Path(source).expanduser()
-    if path.exists():
-        resolved = _confined(path, roots)
+    looks_like_path = source.startswith((".", "/", "~")) or source.lower().endswith(DATA_SUFFIXES)
+    # Confinement before existence: a path outside the roots is refused whether or not it
+    # exists, so the answer says nothing about files there. A bare name (`org/name`) that
+    # is no path inside the roots is looked up in the datasets cache instead.
+    if looks_like_path:
+        resolved: Path | None = _confined(path, roots)
+    else:
+        candidate = path.resolve()
+        resolved = candidate if not roots or _inside(candidate, roots) else None
+    if resolved is not None and resolved.exists():
+        if _is_special(resolved):
+            raise InvalidArgument(
+                f"dataset path {source} is not a regular file or folder (a FIFO, socket or device)",
+                reason="NOT_A_REGULAR_FILE",
+                violations=[FieldViolation("dataset.source", "not a regular file or folder")],
+            )
         if resolved.is_file():
             return LoadedRows(_read_file(resolved), str(resolved))
         if (resolved / "dataset_info.json").exists() or (resolved / "dataset_dict.json").exists():
@@ -318,7 +346,6 @@ def load_rows(
         for file in files:
             rows.extend(_read_file(file))
         return LoadedRows(rows, str(resolved))
-    looks_like_path = source.startswith((".", "/", "~")) or source.lower().endswith(DATA_SUFFIXES)
     if not looks_like_path and datasets_cache is not None:
         cached = _read_cached_dataset(source, split, datasets_cache)
         if cached is not None:

@@ -39,12 +39,17 @@ from sqlalchemy.orm import Session
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
 from server_kit import filtering, paging
 from server_kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from server_kit.security import check_stored_strings
 from trainer_service import db
 from trainer_service.db import JobRow
 
 JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 STATE_PREFIX = "TRAINING_JOB_STATE_"
 METHOD_PREFIX = "TRAINING_METHOD_"
+MAX_JOB_BYTES = 1024 * 1024
+"""Bound of one stored job (its serialized proto); every string in it is bounded too."""
+STRING_LIMITS = {"message": 16 * 1024}
+"""Larger bounds than the default 4 KiB, by field name."""
 
 QUEUED = pb.TRAINING_JOB_STATE_QUEUED
 RUNNING = pb.TRAINING_JOB_STATE_RUNNING
@@ -198,6 +203,7 @@ class JobStore:
         entry.create_time.FromDatetime(now)
         for name in ("start_time", "end_time", "error", "progress"):
             entry.ClearField(name)
+        check_stored_strings(entry, "job", total_limit=MAX_JOB_BYTES, limits=STRING_LIMITS)
         entry.output_model = ""
         entry.resume_count = 0
         entry.checkpoint_path = ""
@@ -273,22 +279,24 @@ class JobStore:
         size = paging.page_size(page_size)
         terms = filtering.parse_filter(filter, FILTER_FIELDS)
         query = filtering.canonical(terms)
-        last = paging.decode_page_token(page_token, query)
+        last = paging.decode_page_token(page_token, query, kinds=(int,))
         conditions = [self._condition(term) for term in terms]
-        statement = select(JobRow.id, JobRow.data).where(*conditions)
+        # Sizes first, then the data of the jobs that fit: pages are bounded by bytes too.
+        statement = select(JobRow.id, func.length(JobRow.data).label("size")).where(*conditions)
         if last is not None:
-            if len(last) != 1 or not isinstance(last[0], int):
-                raise InvalidArgument(
-                    "page_token is not a token this service issued",
-                    reason="INVALID_PAGE_TOKEN",
-                    violations=[FieldViolation("page_token", "not a token this service issued")],
-                )
-            statement = statement.where(JobRow.id < last[0])
+            statement = statement.where(JobRow.id < int(last[0]))
         statement = statement.order_by(JobRow.id.desc()).limit(size + 1)
         with self._read() as conn:
-            rows = conn.execute(statement).all()
-        jobs = [self._parse(row.data) for row in rows[:size]]
-        token = paging.encode_page_token([rows[size - 1].id], query) if len(rows) > size else ""
+            listed = conn.execute(statement).all()
+            count, more = paging.fit_page((int(row.size or 0) for row in listed), size)
+            ids = [row.id for row in listed[:count]]
+            rows = (
+                conn.execute(select(JobRow.data).where(JobRow.id.in_(ids)).order_by(JobRow.id.desc())).all()
+                if ids
+                else []
+            )
+        jobs = [self._parse(row.data) for row in rows]
+        token = paging.encode_page_token([ids[-1]], query) if more and ids else ""
         return jobs, token
 
     @staticmethod

@@ -72,8 +72,8 @@ class TrainerSettings(CommonSettings):
     dataset_roots: list[Path] = setting(
         [],
         "MODELYARD_TRAINER_DATASET_ROOTS",
-        "folders datasets may be read from (:-separated); default DATA_DIR, the datasets cache, the working "
-        "directory",
+        "folders dataset paths may be read from (:-separated); default DATA_DIR only (dataset names are "
+        "looked up in the datasets cache regardless)",
     )
     datasets_cache: Path | None = setting(
         None, "MODELYARD_DATASETS_CACHE", "Hugging Face datasets cache; default as the datasets library"
@@ -102,6 +102,10 @@ class TrainerSettings(CommonSettings):
         return (self.datasets_cache or default_datasets_cache()).expanduser()
 
     def resolved_dataset_roots(self) -> list[Path]:
-        """Folders datasets may be read from, resolved."""
-        roots = self.dataset_roots or [self.data_dir, self.resolved_datasets_cache(), Path.cwd()]
+        """Folders dataset paths may be read from, resolved: the setting, else the data directory only.
+
+        Never the working directory. Dataset names (`org/name`) are read from the datasets
+        cache whatever this says.
+        """
+        roots = self.dataset_roots or [self.data_dir]
         return [root.expanduser().resolve() for root in roots]

@@ -50,6 +50,7 @@ from catalog_service.detection.llm import (
     recommended_model_type,
 )
 from catalog_service.detection.safetensors_header import dominant_dtype, read_header
+from catalog_service.paths import is_special, not_regular_error
 from modelyard.catalog.v1 import model_pb2
 from server_kit.errors import InvalidArgument, NotFound
 
@@ -244,6 +245,8 @@ def detect(path: Path | str, *, allowed_roots: Sequence[Path] | None = None) -> 
     path = Path(path)
     if not path.exists():
         raise NotFound(f"{path} does not exist.", reason="PATH_NOT_FOUND", metadata={"path": str(path)})
+    if is_special(path):
+        raise not_regular_error(path.name)
     if path.is_file():
         return _detect_file(path, CardMetadata())
     return _detect_folder(path, allowed_roots)

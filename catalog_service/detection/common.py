@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catalog_service.paths import open_regular
 from server_kit.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def read_json(path: Path, *, base: Path | None = None) -> Any:
     """
     name = display_path(path, base)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, name) as handle:  # never blocks on a FIFO
+            text = handle.read().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidArgument(
             f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); replace the file with valid JSON.",
@@ -72,8 +74,7 @@ def read_json(path: Path, *, base: Path | None = None) -> Any:
         # Nesting deeper than the parser's recursion limit, or an integer over Python's
         # digit limit: still a file we cannot read, not a server fault.
         raise InvalidArgument(
-            f"{name} is not JSON this catalog can read ({type(exc).__name__}: {str(exc)[:120]}); "
-            "fix or replace the file.",
+            f"{name} is not JSON this catalog can read ({type(exc).__name__}); fix or replace the file.",
             reason="CORRUPT_JSON",
             metadata={"file": name},
         ) from exc

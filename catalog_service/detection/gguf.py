@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from typing import Any
 
 from catalog_service.detection.common import CardMetadata, as_float, as_int, as_str_list
 from catalog_service.detection.llm import compatible_model_types
+from catalog_service.paths import is_special, not_regular_error
 from modelyard.catalog.v1 import model_pb2
 from server_kit.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -129,11 +133,15 @@ def open_reader(path: Path) -> Any:
     """
     import gguf
 
+    if is_special(path):
+        raise not_regular_error(path.name)  # a FIFO would block the reader forever
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        # the reader's own words can quote bytes of the file: only the kind of failure is told
+        log.info("GGUF file %s does not read: %s", path, exc)
         raise InvalidArgument(
-            f"{path.name} is not a readable GGUF file ({exc}). "
+            f"{path.name} is not a readable GGUF file ({type(exc).__name__}). "
             "The file is probably truncated or damaged; download or copy it again.",
             reason="CORRUPT_WEIGHTS",
             metadata={"file": path.name},

@@ -41,6 +41,7 @@ from catalog_service.detection.safetensors_header import (
     read_headers,
     read_scalar,
 )
+from catalog_service.paths import inside, model_roots, named_path
 from modelyard.catalog.v1 import model_pb2
 
 BaseModel: TypeAlias = model_pb2.ImageBaseModel.ValueType
@@ -133,6 +134,16 @@ def is_video_pipeline(pipeline_class: str) -> bool:
     return any(marker in pipeline_class for marker in VIDEO_PIPELINE_MARKERS)
 
 
+def component_folder(folder: Path, name: str) -> Path:
+    """`folder / name` for a component `name` of `model_index.json`, confined to the pipeline folder.
+
+    Raises:
+        PermissionDenied: `PATH_OUTSIDE_ALLOWED_ROOTS` for an absolute name, `..`, or a
+            symlink leading out of the pipeline folder.
+    """
+    return named_path(folder, name, base=folder)
+
+
 def component_weight_files(component_dir: Path) -> list[Path]:
     """The safetensors files of one diffusers component (a variant only when no plain file exists)."""
     for stem in ("diffusion_pytorch_model", "model"):
@@ -155,7 +166,7 @@ def component_weight_files(component_dir: Path) -> list[Path]:
 
 
 def _component_config(folder: Path, name: str) -> dict[str, Any] | None:
-    component = folder / name
+    component = component_folder(folder, name)
     for config_name in ("config.json", "scheduler_config.json"):
         data = read_json_if_present(component / config_name, base=folder)
         if data is not None:
@@ -167,8 +178,9 @@ def pipeline_weights(folder: Path, components: dict[str, tuple[str, str]]) -> We
     """The safetensors headers of every component of a diffusers folder."""
     files: list[Path] = []
     for name in components:
-        if (folder / name).is_dir():
-            files.extend(component_weight_files(folder / name))
+        component = component_folder(folder, name)
+        if component.is_dir():
+            files.extend(component_weight_files(component))
     return read_headers(files, base=folder)
 
 
@@ -551,8 +563,16 @@ def sidecar_paths(path: Path) -> list[Path]:
         path.with_name(stem + ".json"),
     ]
     found: list[Path] = []
+    roots = model_roots(path.parent)
     for candidate in candidates:
-        if candidate.is_file() and candidate not in found:
+        if not candidate.is_file() or candidate in found:
+            continue
+        # a sidecar is optional metadata: one that links out of the model's folder is not read
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if inside(resolved, roots):
             found.append(candidate)
     return found
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog_service.detection.common import display_path, read_json_object
+from catalog_service.paths import named_path, not_regular_error, open_regular
 from server_kit.errors import InvalidArgument
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -39,6 +41,7 @@ DTYPE_BITS: dict[str, int] = {
     "I32": 32,
     "U32": 32,
     "F32": 32,
+    "C64": 64,
     "F64": 64,
     "I64": 64,
     "U64": 64,
@@ -144,7 +147,8 @@ def read_header(path: Path, *, base: Path | None = None) -> SafetensorsHeader:
             beyond the end of the file.
     """
     try:
-        file_size = path.stat().st_size
+        status = path.stat()
+        file_size, mode = status.st_size, status.st_mode
     except FileNotFoundError as exc:
         name = display_path(path, base)
         raise InvalidArgument(
@@ -153,9 +157,13 @@ def read_header(path: Path, *, base: Path | None = None) -> SafetensorsHeader:
             metadata={"file": name},
         ) from exc
     except OSError as exc:
-        raise _corrupt(path, f"it cannot be read ({exc.strerror or exc})", base) from exc
+        raise _corrupt(path, f"it cannot be read ({exc.strerror or type(exc).__name__})", base) from exc
+    if not stat.S_ISREG(mode):
+        raise not_regular_error(display_path(path, base))
+    # Messages below never quote bytes of the file (its first 8 bytes are not echoed as a
+    # "header length"): a file read by mistake must not leak through an error.
     try:
-        with path.open("rb") as handle:
+        with open_regular(path, display_path(path, base)) as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise _corrupt(
@@ -163,22 +171,26 @@ def read_header(path: Path, *, base: Path | None = None) -> SafetensorsHeader:
                 )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
-                raise _corrupt(
-                    path, f"the header length {header_len} exceeds the format's 100 MiB limit", base
-                )
+                raise _corrupt(path, "its header length exceeds the format's 100 MiB limit", base)
             if 8 + header_len > file_size:
                 raise _corrupt(
-                    path,
-                    f"the header says {header_len} bytes of JSON but the file has only {file_size} bytes",
-                    base,
+                    path, f"its header length runs past the end of the file ({file_size} bytes)", base
                 )
             raw = handle.read(header_len)
     except OSError as exc:
-        raise _corrupt(path, f"it cannot be read ({exc.strerror or exc})", base) from exc
+        raise _corrupt(path, f"it cannot be read ({exc.strerror or type(exc).__name__})", base) from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, too many digits
-        raise _corrupt(path, f"the header is not valid JSON ({str(exc)[:200]})", base) from exc
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"the header is not UTF-8 (at byte {exc.start})", base) from exc
+    except json.JSONDecodeError as exc:
+        raise _corrupt(
+            path, f"the header is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", base
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # too deep, too many digits
+        raise _corrupt(
+            path, f"the header is not JSON this catalog can read ({type(exc).__name__})", base
+        ) from exc
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object", base)
 
@@ -193,37 +205,50 @@ def read_header(path: Path, *, base: Path | None = None) -> SafetensorsHeader:
     )
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _tensor_info(path: Path, name: str, entry: Any, data_size: int, base: Path | None) -> TensorInfo:
+    shown = _shown(name)
     if not isinstance(entry, dict):
-        raise _corrupt(path, f"the entry of tensor {name!r} is not an object", base)
+        raise _corrupt(path, f"the entry of tensor {shown} is not an object", base)
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str):
-        raise _corrupt(path, f"tensor {name!r} has no dtype", base)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}", base)
+        raise _corrupt(path, f"tensor {shown} has no dtype", base)
+    if dtype not in DTYPE_BITS:
+        raise _corrupt(path, f"tensor {shown} has an unknown dtype {_shown(dtype, 24)}", base)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise _corrupt(path, f"tensor {shown} has an invalid shape {_shown(shape)}", base)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data offsets {offsets!r}", base)
+        raise _corrupt(path, f"tensor {shown} has invalid data offsets {_shown(offsets)}", base)
     start, end = int(offsets[0]), int(offsets[1])
     if end > data_size:
         raise _corrupt(
             path,
-            f"tensor {name!r} ends at byte {end} of the data section but only {data_size} bytes are present",
+            f"tensor {shown} ends past the end of the data section ({data_size} bytes)",
             base,
         )
     info = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), data_offsets=(start, end))
-    bits = DTYPE_BITS.get(dtype)
-    if bits is not None and (info.numel * bits + 7) // 8 != end - start:
+    bits = DTYPE_BITS[dtype]
+    # With a known dtype the shape is tied to bytes present in the file, so element
+    # counts stay bounded by the file size (no 2**64-element tensors).
+    if (info.numel * bits + 7) // 8 != end - start:
         raise _corrupt(
             path,
-            f"tensor {name!r} ({dtype}, shape {list(shape)}) needs {(info.numel * bits + 7) // 8} bytes "
-            f"but its data offsets span {end - start}",
+            f"tensor {shown} ({dtype}, shape {_shown(list(shape))}) does not fit its data offsets "
+            f"(they span {end - start} bytes)",
             base,
         )
     return info
@@ -246,7 +271,7 @@ def read_scalar(header: SafetensorsHeader, name: str) -> float | None:
     }
     start, end = tensor.data_offsets
     offset = 8 + header.header_bytes + start
-    with header.path.open("rb") as handle:
+    with open_regular(header.path) as handle:
         handle.seek(offset)
         raw = handle.read(end - start)
     if tensor.dtype == "BF16" and len(raw) == 2:
@@ -322,6 +347,8 @@ def index_shards(index_path: Path, *, base: Path | None = None) -> tuple[list[Pa
 
     Raises:
         InvalidArgument: `CORRUPT_JSON` when the index is not JSON or has no `weight_map`.
+        PermissionDenied: `PATH_OUTSIDE_ALLOWED_ROOTS` for a shard named by an absolute
+            path, with `..`, or through a symlink leading out of the model's folder.
     """
     index = read_json_object(index_path, base=base)
     weight_map = index.get("weight_map")
@@ -333,7 +360,9 @@ def index_shards(index_path: Path, *, base: Path | None = None) -> tuple[list[Pa
             metadata={"file": name},
         )
     shards = sorted(set(weight_map.values()))
-    return [index_path.parent / s for s in shards], {str(k): str(v) for k, v in weight_map.items()}
+    # Shard names are file contents: confined to the model's folder like a request path.
+    files = [named_path(index_path.parent, s, base=base or index_path.parent) for s in shards]
+    return files, {str(k): str(v) for k, v in weight_map.items()}
 
 
 def model_weight_files(folder: Path, stem: str = "model") -> list[Path]:

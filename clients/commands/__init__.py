@@ -1,4 +1,4 @@
-"""Client sub-commands of `modelyard`: models, workers, route, train, jobs, generate, chat.
+"""Client sub-commands of `modelyard`: models, workers, route, train, jobs, generate, chat, embed.
 
 Each command talks to one service through the typed clients; addresses come
 from `--catalog/--trainer/--inference` or the `MODELYARD_*_ADDRESS`

@@ -1,6 +1,6 @@
-"""`modelyard generate MODEL PROMPT` and `modelyard chat MODEL`.
+"""`modelyard generate MODEL PROMPT`, `modelyard chat MODEL` and `modelyard embed MODEL TEXT...`.
 
-Both are routed through the catalog (`FindWorkers`, with fail-over to the
+All are routed through the catalog (`FindWorkers`, with fail-over to the
 next worker when one is unavailable) unless an inference address is given
 with `--inference` or `MODELYARD_INFERENCE_ADDRESS`.
 """
@@ -8,6 +8,7 @@ with `--inference` or `MODELYARD_INFERENCE_ADDRESS`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -101,6 +102,34 @@ def register(sub: Subparsers) -> None:
     _sampling_arguments(chat)
     chat.set_defaults(func=chat_loop)
 
+    embed = sub.add_parser(
+        "embed",
+        parents=[options],
+        help="embed texts as vectors",
+        formatter_class=HelpFormatter,
+        description=(
+            "Embed each TEXT with MODEL (a catalog model, or an adapter run on its base): one\n"
+            "vector per text, the mean of the model's last hidden states, scaled to unit length.\n"
+            "Routed like generate. Prints one JSON array per line (--json: the EmbedResponse);\n"
+            "token counts and the worker go to stderr. Engines that cannot embed (vLLM) answer\n"
+            "UNIMPLEMENTED EMBEDDINGS_UNSUPPORTED; TEXT - reads one text per line from stdin."
+        ),
+        epilog=(
+            "examples:\n"
+            "  modelyard embed tiny-llama 'a cat' 'a dog'\n"
+            "  modelyard embed tiny-llama 'hello' --no-normalize --json"
+        ),
+    )
+    embed.add_argument("model", metavar="MODEL", help="catalog model id or models/ID")
+    embed.add_argument(
+        "texts", metavar="TEXT", nargs="+", help="a text to embed; - reads stdin, one text per line"
+    )
+    embed.add_argument(
+        "--no-normalize", dest="normalize", action="store_false", help="keep the raw mean (not unit length)"
+    )
+    embed.add_argument("--request-id", help="request id to send (echoed by the server)")
+    embed.set_defaults(func=embed_texts)
+
 
 def _generator(args: argparse.Namespace) -> Generator:
     if address_given(args, INFERENCE):
@@ -171,6 +200,36 @@ def generate_text(args: argparse.Namespace) -> int:
         print(f"[{completion.index}] {completion.text}" if many else completion.text)
     finish = response.completions[0].finish_reason if response.completions else 0
     print(_usage_text(response.usage, finish, _where(client)), file=sys.stderr)
+    return 0
+
+
+def embed_texts(args: argparse.Namespace) -> int:
+    """`embed`."""
+    texts: list[str] = []
+    for text in args.texts:
+        texts.extend(sys.stdin.read().splitlines() if text == "-" else [text])
+    client = _generator(args)
+    try:
+        response = client.embed(
+            args.model,
+            texts,
+            normalize=args.normalize,
+            request_id=args.request_id,
+            timeout=args.timeout or DEFAULT_GENERATION_TIMEOUT,
+        )
+    finally:
+        client.close()
+    if args.json:
+        print_json(response)
+        return 0
+    for embedding in response.embeddings:
+        print(json.dumps([round(value, 6) for value in embedding.values]))
+    dimensions = len(response.embeddings[0].values) if response.embeddings else 0
+    print(
+        f"[{len(response.embeddings)} vectors of {dimensions} dimensions, "
+        f"{response.usage.prompt_tokens} tokens, worker {_where(client)}]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ from clients.output import (
     key_values,
     message_fields,
     number_text,
+    printable,
     progress_bar,
     table,
     timestamp_text,
@@ -187,7 +188,7 @@ def lineage_text(response: catalog_service_pb2.GetModelLineageResponse) -> str:
     walk(model.name, depth + 1)
     if not response.ancestors and not response.descendants:
         lines.append("(no ancestors, no descendants)")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def detect_text(response: catalog_service_pb2.DetectModelTypeResponse) -> str:
@@ -270,18 +271,18 @@ def report_lines(match: catalog_service_pb2.WorkerMatch, heading: str) -> list[s
         failures = [r for r in other.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
         why = f": {failures[0].rule}: {failures[0].message}" if failures else ""
         lines.append(f"     also on this worker: {other.engine} ({verdict}){why}")
-    return lines
+    return [printable(line) for line in lines]  # stored strings: control characters escaped
 
 
 def route_text(response: catalog_service_pb2.FindWorkersResponse, model: str, role: str) -> str:
     """Ranked matches and rejected workers, each with its rule results."""
     lines = []
     if response.matches:
-        lines.append(f"workers that can run {model} ({role}), best first:")
+        lines.append(printable(f"workers that can run {model} ({role}), best first:"))
         for rank, match in enumerate(response.matches, start=1):
             lines.extend(report_lines(match, f"  {rank}. "))
     else:
-        lines.append(f"no worker can run {model} ({role})")
+        lines.append(printable(f"no worker can run {model} ({role})"))
     if response.rejected:
         lines.append("")
         lines.append("rejected:")
@@ -331,7 +332,11 @@ def progress_text(job: trainer_pb.TrainingJob, *, bar: bool = True) -> str:
 
 
 def event_line(event: trainer_pb.WatchTrainingJobResponse) -> str:
-    """One line for a watched event."""
+    """One line for a watched event (control characters of stored strings escaped)."""
+    return printable(_event_text(event))
+
+
+def _event_text(event: trainer_pb.WatchTrainingJobResponse) -> str:
     job = event.job
     kind = event.event_type
     if kind == trainer_pb.TRAINING_EVENT_TYPE_STATE_CHANGED:

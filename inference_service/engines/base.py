@@ -30,7 +30,7 @@ from typing import Any
 
 from inference_service.chat import ChatMessage, render_chat
 from inference_service.sampling import SamplingSpec, validate_sampling
-from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable, Unimplemented
 
 __all__ = [
     "ChatMessageLike",
@@ -163,6 +163,14 @@ class EngineLoad:
     """Requests queued by the engine's scheduler, not yet running."""
     kv_cache_usage: float | None = None
     """Share of the KV cache in use, 0-1 (None: the engine does not say)."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """The vectors of `Engine.embed`, one per input in input order, and the tokens read."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 @dataclass
@@ -450,6 +458,21 @@ class Engine(abc.ABC):
         ``STRUCTURED_OUTPUT_UNSUPPORTED`` where structured output is not supported.
         Cancelling the consumer aborts the request in the engine.
         """
+
+    async def embed(
+        self, texts: Sequence[str], *, adapter_id: str | None = None, normalize: bool = True
+    ) -> EmbedResult:
+        """One vector per text: the mean of the model's last hidden states over its tokens.
+
+        ``normalize`` scales each vector to unit length. Raises InvalidArgument for an empty
+        text (``INVALID_PROMPT``) or one longer than the context (``PROMPT_TOO_LONG``);
+        engines that cannot embed (the default) raise Unimplemented ``EMBEDDINGS_UNSUPPORTED``.
+        """
+        raise Unimplemented(
+            f"the {self.name} engine does not compute embeddings; use a transformers worker",
+            reason="EMBEDDINGS_UNSUPPORTED",
+            metadata={"engine": self.name},
+        )
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:

@@ -9,7 +9,8 @@ vLLM's token for token.
 
 LoRA adapters are loaded with peft; each step switches to the request's adapter
 (``set_adapter``) or disables adapters for base-model requests.  Structured output is not
-supported (Unimplemented ``STRUCTURED_OUTPUT_UNSUPPORTED``).
+supported (Unimplemented ``STRUCTURED_OUTPUT_UNSUPPORTED``). Embeddings are the mean of
+the last hidden states over an input's tokens (`TransformersEngine.embed`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import contextlib
 import gc
 import json
 from collections.abc import Iterator
+from collections.abc import Sequence as PySequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference_service.engines.base import ModelUnsupported, Tokenizer, read_adapter_rank
+from inference_service.engines.base import EmbedResult, ModelUnsupported, Tokenizer, read_adapter_rank
 from inference_service.engines.token_loop import RequestState, Sequence, TokenLoopEngine
-from server_kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from server_kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     import torch
@@ -198,6 +200,54 @@ class TransformersEngine(TokenLoopEngine):
         if model.active_adapter != adapter_name:
             model.set_adapter(adapter_name, inference_mode=True)
         yield
+
+    # -- embeddings ---------------------------------------------------------------------
+
+    async def embed(
+        self, texts: PySequence[str], *, adapter_id: str | None = None, normalize: bool = True
+    ) -> EmbedResult:
+        """Mean-pooled last hidden states, one text at a time (see `Engine.embed`)."""
+        self._require_model()
+        adapter_name = None
+        if adapter_id is not None:
+            adapter = self._adapters.get(adapter_id)
+            if adapter is None:
+                raise NotFound(f"adapter {adapter_id!r} is not loaded", reason="ADAPTER_NOT_LOADED")
+            adapter_name = adapter.name
+        prompts = []
+        for index, text in enumerate(texts):
+            ids = self.tokenizer.encode(text)
+            if not text or not ids:
+                raise InvalidArgument(
+                    "inputs must not be empty",
+                    reason="INVALID_PROMPT",
+                    violations=[FieldViolation(f"inputs[{index}]", "must not be empty")],
+                )
+            if len(ids) > self._max_model_len:
+                raise InvalidArgument(
+                    f"input {index} has {len(ids)} tokens, more than the context ({self._max_model_len})",
+                    reason="PROMPT_TOO_LONG",
+                    violations=[FieldViolation(f"inputs[{index}]", f"at most {self._max_model_len} tokens")],
+                )
+            prompts.append(ids)
+        vectors = await self._run(self._embed, prompts, adapter_name, normalize)
+        return EmbedResult(vectors=vectors, prompt_tokens=sum(len(ids) for ids in prompts))
+
+    def _embed(
+        self, prompts: list[list[int]], adapter_name: str | None, normalize: bool
+    ) -> list[list[float]]:
+        import torch
+
+        model = self._require_model()
+        vectors = []
+        with torch.inference_mode(), self._adapter_context(model, adapter_name):
+            for ids in prompts:
+                out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True)
+                vector = out.hidden_states[-1][0].float().mean(dim=0)
+                if normalize:
+                    vector = torch.nn.functional.normalize(vector, dim=0)
+                vectors.append([float(value) for value in vector.tolist()])
+        return vectors
 
     # -- adapters -----------------------------------------------------------------------
 

@@ -276,6 +276,15 @@ def test_validate_detect_and_resolve(catalog: CatalogClient, models_root: Path) 
     missing = _code(catalog.resolve_model, "nobody/nothing")
     assert missing.code == grpc.StatusCode.NOT_FOUND
     assert "looked in" in missing.message
+    # A local path is no model name: never answered as found in the HF cache.
+    for path in (str(models_root / "tiny-llama"), str(models_root / "tiny-qwen2"), "/etc"):
+        try:
+            answer = catalog.resolve_model(path)
+        except ModelyardRpcError as error:
+            assert error.code == grpc.StatusCode.NOT_FOUND, error
+            assert error.reason == "MODEL_NOT_RESOLVED"
+        else:
+            assert answer.resolved_from != catalog_service_pb2.RESOLVED_FROM_HF_CACHE
 
 
 def test_workers_and_routing_through_the_api(catalog: CatalogClient, models_root: Path) -> None:
@@ -320,3 +329,20 @@ def test_grpcurl_reads_a_model(catalog: CatalogClient, models_root: Path) -> Non
     body = json.loads(result.stdout)
     assert body["model"]["llm"]["architecture"] == "LlamaForCausalLM"
     assert body["model"]["state"] == "MODEL_STATE_READY"
+
+
+def test_find_workers_answers_stay_bounded_with_many_large_workers(
+    catalog: CatalogClient, models_root: Path
+) -> None:
+    """Workers are bounded one by one; their sum in a FindWorkers answer is bounded too."""
+    from catalog_service.catalog import MAX_FIND_WORKERS_BYTES
+
+    catalog.import_model(str(models_root / "tiny-llama"), model_id="llama")
+    big = worker_pb2.Worker(address="localhost:1", role=worker_pb2.WORKER_ROLE_INFERENCE)
+    big.capabilities.engine = "vllm"
+    big.capabilities.architectures.extend(f"Arch{n}" + "x" * 4000 for n in range(55))
+    count = MAX_FIND_WORKERS_BYTES // big.ByteSize() + 5
+    for index in range(count):
+        catalog.register_worker(f"w-{index:03d}", big)
+    found = catalog.find_workers("llama", worker_pb2.WORKER_ROLE_INFERENCE)
+    assert 0 < found.ByteSize() <= MAX_FIND_WORKERS_BYTES

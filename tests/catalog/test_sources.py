@@ -327,3 +327,17 @@ def test_copy_and_hash_reads_once_and_leaves_no_partial(root: Path, tmp_path: Pa
     copied = copy_tree_and_hash(root / "model", tmp_path / "tree", [root])
     assert [f.path for f in copied] == ["config.json", "model.safetensors", "sub/extra.txt"]
     assert copied == hash_files(tmp_path / "tree")
+
+
+def test_default_allowed_roots_are_the_data_directory_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The working directory is no allowed root: a catalog started in `/` must not read all of `/`."""
+    from catalog_service.settings import CatalogSettings
+
+    monkeypatch.chdir(tmp_path)
+    settings = CatalogSettings(data_dir=tmp_path / "data", hf_cache_dir=tmp_path / "hf")
+    assert settings.resolved_allowed_roots() == [(tmp_path / "data").resolve()]
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(PermissionDenied):
+        resolve(str(tmp_path / "model.safetensors"), allowed_roots=settings.resolved_allowed_roots())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -360,6 +361,16 @@ def test_page_token_is_bound_to_its_filter(store: CatalogStore) -> None:
     assert [v.field for v in error.violations] == ["page_token"]
     raises(InvalidArgument, "INVALID_PAGE_TOKEN", lambda: store.list_models(page_token="not-a-token!"))
     raises(InvalidArgument, "INVALID_PAGE_TOKEN", lambda: store.list_workers(page_token=token))
+
+
+@pytest.mark.parametrize("key", [[], [1], [2**64], ["a", "b"], [None], ["x" * 5000]])
+def test_forged_page_tokens_are_invalid_argument(store: CatalogStore, key: list[object]) -> None:
+    from server_kit import filtering
+
+    store.create_model("m-0", llm())
+    for listing, prefix in ((store.list_models, "models?"), (store.list_workers, "workers?")):
+        forged = paging.encode_page_token(key, prefix + filtering.canonical([]))  # type: ignore[arg-type]
+        raises(InvalidArgument, "INVALID_PAGE_TOKEN", lambda: listing(page_token=forged))  # noqa: B023
 
 
 # --------------------------------------------------------------------------- update / save
@@ -773,3 +784,80 @@ def test_unreachable_database_is_unavailable() -> None:
         raises(Unavailable, "DATABASE_UNAVAILABLE", store.check)
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- bounds, sweeping, page bytes
+
+
+def test_every_stored_worker_string_is_bounded(store: CatalogStore) -> None:
+    """A worker token cannot store a 40 MB display name (nor any other huge string)."""
+    huge = "x" * (1 << 20)
+    for change in (
+        lambda w: setattr(w, "display_name", huge),
+        lambda w: setattr(w, "address", huge),
+        lambda w: w.capabilities.architectures.append(huge),
+        lambda w: w.loaded_models.add(model=huge),
+    ):
+        worker = vllm_worker()
+        change(worker)
+        error = raises(InvalidArgument, "VALUE_TOO_LONG", partial(store.upsert_worker, "w", worker))
+        assert error.violations
+    store.upsert_worker("w", vllm_worker())
+    raises(
+        InvalidArgument,
+        "VALUE_TOO_LONG",
+        lambda: store.heartbeat("w", loaded_models=[worker_pb2.LoadedModel(model=huge)]),
+    )
+
+
+def test_every_stored_model_string_is_bounded(store: CatalogStore) -> None:
+    huge = "d" * (8 << 20)
+    raises(InvalidArgument, "VALUE_TOO_LONG", lambda: store.create_model("big", llm(description=huge)))
+    store.create_model("small", llm(description="fine"))
+    entry = store.get_model("small")
+    entry.description = huge
+    raises(InvalidArgument, "VALUE_TOO_LONG", lambda: store.update_model(entry, ["description"]))
+    entry = store.get_model("small")
+    entry.llm.tokenizer.chat_template = huge
+    raises(InvalidArgument, "VALUE_TOO_LONG", lambda: store.save_model(entry))
+
+
+def test_expired_workers_are_swept(store: CatalogStore, clock: FakeClock) -> None:
+    store.upsert_worker("old", vllm_worker())
+    clock.advance(31)
+    assert store.get_worker("old").state == worker_pb2.WORKER_STATE_UNAVAILABLE  # shown a while
+    clock.advance(store.worker_retention)
+    store.upsert_worker("new", vllm_worker())  # registrations sweep
+    assert [w.name for w in store.all_workers()] == ["workers/new"]
+    raises(NotFound, "WORKER_NOT_FOUND", lambda: store.get_worker("old"))
+    clock.advance(store.worker_retention + 31)
+    assert store.sweep_workers() == ["workers/new"]
+    assert store.all_workers() == []
+
+
+def test_pages_are_sized_by_bytes_as_well_as_count(store: CatalogStore) -> None:
+    from server_kit import paging
+
+    description = "d" * 60_000
+    count = paging.MAX_PAGE_BYTES // 60_000 + 20
+    for index in range(count):
+        store.create_model(f"m-{index:04d}", llm(description=description))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        models, token = store.list_models(page_size=1000, page_token=token)
+        pages += 1
+        assert sum(m.ByteSize() for m in models) <= paging.MAX_PAGE_BYTES
+        seen.extend(m.name for m in models)
+        if not token:
+            break
+    assert pages >= 2
+    assert seen == [f"models/m-{index:04d}" for index in range(count)]
+    for index in range(90):
+        worker = vllm_worker()
+        worker.display_name = "w" * 3000
+        worker.capabilities.architectures.extend(f"{index}-{n}-" + "a" * 2000 for n in range(25))
+        store.upsert_worker(f"w-{index:03d}", worker)
+    workers, token = store.list_workers(page_size=1000)
+    assert token and sum(w.ByteSize() for w in workers) <= paging.MAX_PAGE_BYTES

@@ -150,3 +150,48 @@ def test_status_line_on_a_terminal_redraws_one_line_and_clears_it() -> None:
     assert "eval done\n" in text
     assert "eval done\n\r- step 2 of 2" in text  # the status is drawn again below the note
     assert text.endswith("\r" + " " * len("- step 2 of 2") + "\r")  # and is gone at the end
+
+
+def test_stored_control_characters_are_printed_escaped() -> None:
+    """A display name holding an ANSI escape or a carriage return must not drive the terminal."""
+    from clients.commands.views import job_block, model_block, validation_text, worker_block
+
+    evil = "nice\x1b[2J\x1b]0;pwned\x07\rfake\x00\x7f\x9b31m\u202etxt"
+    model = _model()
+    model.display_name = evil
+    model.description = evil
+    model.labels["k"] = evil
+    model.llm.architecture = evil
+    model.error.message = evil
+    worker = worker_pb2.Worker(name="workers/w", display_name=evil, address=evil)
+    job = tpb.TrainingJob(name="trainingJobs/j", error=tpb.TrainingJob().error)
+    job.error.message = evil
+    job.dataset.source = evil
+    event = tpb.WatchTrainingJobResponse(job=job, event_type=tpb.TRAINING_EVENT_TYPE_STATE_CHANGED)
+    report = catalog_service_pb2.ValidateModelResponse(valid=False)
+    report.checks.add(check="x", outcome=worker_pb2.RULE_OUTCOME_FAIL, message=evil)
+    match = catalog_service_pb2.WorkerMatch(worker=worker)
+    match.report.results.add(rule="r", outcome=worker_pb2.RULE_OUTCOME_FAIL, message=evil)
+    route = catalog_service_pb2.FindWorkersResponse(rejected=[match])
+    texts = [
+        model_block(model),
+        table(["NAME"], [[evil]]),
+        worker_block(worker),
+        job_block(job),
+        event_line(event),
+        validation_text(report, "models/x"),
+        route_text(route, "models/x", "inference"),
+    ]
+    for text in texts:
+        bad = [c for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0 or c == "\u202e"]
+        assert not bad, (bad, text)
+        assert "\\x1b" in text
+
+
+def test_error_messages_print_control_characters_escaped() -> None:
+    import grpc
+
+    from clients.errors import ModelyardRpcError
+
+    error = ModelyardRpcError(grpc.StatusCode.NOT_FOUND, "model \x1b[31mred\x1b[0m not found")
+    assert "\x1b" not in str(error) and "\\x1b[31m" in str(error)

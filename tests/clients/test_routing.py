@@ -127,3 +127,19 @@ async def test_async_for_model_and_fail_over(
             await AsyncInferenceClient.for_model(
                 "tiny", catalog=catalog.address, role=worker_pb2.WORKER_ROLE_TRAINING
             )
+
+
+def test_route_table_stays_bounded_with_many_model_names() -> None:
+    """Routes are keyed by request-supplied names: stale ones are dropped, the table has a cap."""
+    from clients.routing import RouteTable
+
+    table = RouteTable(refresh_seconds=10)
+    for index in range(5000):
+        table.put(f"models/m-{index}", ["a:1"], now=float(index))
+    assert len(table) <= 1024
+    assert table.get("models/m-4999", now=4999.0) == ["a:1"]
+    table2 = RouteTable(refresh_seconds=1e9)
+    for index in range(5000):
+        table2.put(f"models/m-{index}", ["a:1"], now=float(index))
+    assert len(table2) <= RouteTable.MAX_ROUTES
+    assert table2.get("models/m-4999", now=4999.0) == ["a:1"]

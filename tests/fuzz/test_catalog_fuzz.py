@@ -94,6 +94,27 @@ TOKENS = st.one_of(
     st.binary(max_size=100).map(lambda b: base64.b64encode(b).decode()),
     st.sampled_from(["", "=", "e30=", "eyJrIjoxfQ", "bnVsbA==", "W10=", "AAAA"]),
 )
+KEY_PARTS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63 - 2, max_value=2**70),
+    st.floats(),
+    st.text(max_size=30),
+    st.text(min_size=1000, max_size=3000),
+    st.lists(st.integers(), max_size=2),
+)
+KEY_LISTS = st.lists(KEY_PARTS, max_size=3)
+"""Keys a forged page token may carry: none, several, wrong types, out of range."""
+
+
+def forged_token(keys: list[object], query: str) -> str:
+    """A well-formed token (version, query hash) carrying `keys`, as a forger would build it."""
+    from server_kit import filtering, paging
+
+    return paging.encode_page_token(keys, query + filtering.canonical([]))  # type: ignore[arg-type]
+
+
 NAMES = st.one_of(
     st.text(max_size=60),
     st.text(max_size=40).map(lambda t: "models/" + t),
@@ -155,6 +176,18 @@ def test_list_models_with_random_filters_tokens_and_sizes(
     # Workers take the same filter and page token grammar.
     workers = pb.ListWorkersRequest(filter=filter, page_token=page_token, page_size=page_size)
     proper_status(lambda: catalog.stub.ListWorkers(workers, timeout=30))
+
+
+@FUZZ
+@given(keys=KEY_LISTS)
+def test_list_with_forged_page_tokens(catalog: Catalog, keys: list[object]) -> None:
+    for call, request in (
+        (catalog.stub.ListModels, pb.ListModelsRequest(page_token=forged_token(keys, "models?"))),
+        (catalog.stub.ListWorkers, pb.ListWorkersRequest(page_token=forged_token(keys, "workers?"))),
+    ):
+        reply = proper_status(lambda call=call, request=request: call(request, timeout=30))  # type: ignore[misc]
+        if isinstance(reply, grpc.StatusCode):
+            assert reply == grpc.StatusCode.INVALID_ARGUMENT, reply
 
 
 @FUZZ

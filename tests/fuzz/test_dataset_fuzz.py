@@ -92,3 +92,66 @@ def test_validate_dataset_on_generated_files(
     # A report: every reported issue names a row that exists.
     assert result.report.num_rows == len(result.rows)
     assert all(0 <= issue.row <= len(result.rows) for issue in result.report.issues)
+
+
+@FUZZ
+@given(suffix=st.sampled_from([".jsonl", ".json", ".parquet", "", ".txt"]), in_folder=st.booleans())
+def test_special_files_as_datasets(
+    tmp_path_factory: pytest.TempPathFactory, suffix: str, in_folder: bool
+) -> None:
+    """A FIFO as the dataset (or inside its folder): a domain error or no rows, never a blocked read."""
+    import os
+    import threading
+
+    folder = tmp_path_factory.mktemp("special")
+    fifo = folder / f"data{suffix}"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            validate_dataset(str(folder if in_folder else fifo), Method.LORA, roots=[folder])
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading the dataset blocked on a FIFO")
+    error = outcome[0]
+    if error is not None:
+        assert isinstance(error, ModelyardError), repr(error)
+        assert error.code not in BAD_CODES, error
+
+
+PAGE_KEYS = st.lists(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63 - 2, max_value=2**80),
+        st.integers(max_value=-(2**63) + 1, min_value=-(2**80)), st.floats(), st.text(max_size=20),
+    ),
+    max_size=3,
+)  # fmt: skip
+
+
+@FUZZ
+@given(keys=PAGE_KEYS)
+def test_list_jobs_with_forged_page_tokens(tmp_path_factory: pytest.TempPathFactory, keys: list[Any]) -> None:
+    """ListTrainingJobs' page tokens: any key list a forger puts in is a domain error or a page."""
+    from server_kit import filtering, paging
+    from trainer_service.db import migrate
+    from trainer_service.jobs import JobStore
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('jobs') / 'jobs.db'}"
+    migrate(url)
+    store = JobStore(url)
+    try:
+        token = paging.encode_page_token(keys, filtering.canonical([]))
+        try:
+            store.list_jobs(page_size=2, page_token=token)
+        except ModelyardError as error:
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+    finally:
+        store.close()

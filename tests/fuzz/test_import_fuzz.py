@@ -9,7 +9,9 @@ than INTERNAL/UNKNOWN, and a refused import must leave no model behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -71,6 +73,29 @@ GGUF = st.builds(lambda rest: b"GGUF" + rest, st.binary(max_size=400)) | st.buil
     st.binary(max_size=200),
 )
 TOKENIZER_FILES = st.sampled_from(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+SPECIAL_PLACES = st.sampled_from(
+    ["source", "model.safetensors", "config.json", "tokenizer.json", "README.md", "shard"]
+)
+"""Where a FIFO goes: the import source itself, one of the model's files, or a shard the index names."""
+SHARD_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "../../../../../../etc/hostname",
+            "/etc/hostname",
+            "/dev/zero",
+            "..",
+            ".",
+            "",
+            "sub/../../x",
+            "~/x",
+            "model.safetensors",
+            "a\x00b",
+            "pipe.safetensors",
+        ]
+    ),
+    st.text(max_size=30),
+)
+"""Names an index's `weight_map` gives: escapes, absolute paths, devices, FIFOs, junk."""
 
 
 class Importer:
@@ -149,3 +174,56 @@ def test_corrupt_tokenizer_files(importer: Importer, name: str, content: bytes) 
     folder = importer.fresh_copy()
     (folder / name).write_bytes(content)
     importer.import_and_clean(folder)
+
+
+def _unblock(fifo: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@FUZZ
+@given(place=SPECIAL_PLACES)
+def test_special_files_never_block_an_import(importer: Importer, place: str) -> None:
+    folder = importer.fresh_copy()
+    if place == "source":
+        fifo = folder.with_suffix(".safetensors")
+        shutil.rmtree(folder)
+        folder = fifo
+    elif place == "shard":
+        fifo = folder / "pipe.safetensors"
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed_tokens.weight": fifo.name}}), encoding="utf-8"
+        )
+    else:
+        fifo = folder / place
+        fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    try:
+        # A blocked reader would end in DEADLINE_EXCEEDED: fail on that as on INTERNAL.
+        request = pb.ImportModelRequest(source=str(folder), model_id=f"case-{importer.count}")
+        reply = proper_status(lambda: importer.stub.ImportModel(request, timeout=60))
+        assert reply != grpc.StatusCode.DEADLINE_EXCEEDED
+        if not isinstance(reply, grpc.StatusCode):
+            importer.stub.DeleteModel(pb.DeleteModelRequest(name=reply.model.name, force=True), timeout=30)
+    finally:
+        _unblock(fifo)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    else:
+        folder.unlink()
+
+
+@FUZZ
+@given(shard=SHARD_NAMES)
+def test_index_naming_any_path(importer: Importer, shard: str) -> None:
+    folder = importer.fresh_copy()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": shard}}), encoding="utf-8"
+    )
+    request = pb.ImportModelRequest(source=str(folder), model_id=f"case-{importer.count}")
+    reply = proper_status(lambda: importer.stub.ImportModel(request, timeout=60))
+    if isinstance(reply, grpc.StatusCode):
+        assert reply != grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        importer.stub.DeleteModel(pb.DeleteModelRequest(name=reply.model.name, force=True), timeout=30)
+    shutil.rmtree(folder)

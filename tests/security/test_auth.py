@@ -106,6 +106,29 @@ def test_unknown_or_malformed_token_is_unauthenticated(catalog: SecureServer) ->
         stub(catalog_service_pb2.ListModelsRequest(), metadata=[("authorization", f"bearer {READER_TOKEN}")])
 
 
+def test_malformed_body_without_a_token_is_unauthenticated(catalog: SecureServer) -> None:
+    """Authentication comes before the body is looked at: junk bytes tell a stranger nothing."""
+    garbage = b"\xff\xff\xff\xff\x0f"
+
+    def send(channel: grpc.Channel, method: str, token: str | None) -> grpc.StatusCode:
+        path = f"/modelyard.catalog.v1.CatalogService/{method}"
+        metadata = [("authorization", f"Bearer {token}")] if token else None
+        try:
+            if method == "WatchModel":
+                list(channel.unary_stream(path)(garbage, metadata=metadata, timeout=10))
+            else:
+                channel.unary_unary(path)(garbage, metadata=metadata, timeout=10)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(catalog.target) as channel:
+        for method in ("ListModels", "ImportModel", "RegisterWorker", "WatchModel"):
+            assert send(channel, method, None) == grpc.StatusCode.UNAUTHENTICATED, method
+            # With a valid token the same bytes are a malformed request.
+            assert send(channel, method, ADMIN_TOKEN) == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
 def test_health_and_reflection_need_no_token(catalog: SecureServer) -> None:
     with grpc.insecure_channel(catalog.target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

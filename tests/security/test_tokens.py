@@ -125,3 +125,27 @@ def test_token_tool_prints_a_token_and_a_line_that_holds_only_its_hash(
     assert (entry.name, entry.role) == ("ci-bot", "reader")
     assert Authenticator([entry]).identify(token) == entry
     assert security.main(["token", "x", "superuser"]) == 2
+
+
+@pytest.mark.parametrize("service", ["catalog_service", "trainer_service"])
+def test_unwritable_audit_log_stops_start_up_with_one_line(tmp_path: Path, service: str) -> None:
+    """A data dir the audit log cannot be created in: one line naming the setting, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    env = {**os.environ, "MODELYARD_AUDIT_LOG": str(blocker / "audit" / "audit.log")}
+    done = subprocess.run(
+        [sys.executable, "-m", service, "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(lines) == 1, lines
+    assert "MODELYARD_AUDIT_LOG" in lines[0]

@@ -82,6 +82,45 @@ def test_paths_outside_the_allowed_roots_are_refused(tmp_path: Path, data: dict[
     assert error.value.reason == "PATH_NOT_ALLOWED"
 
 
+def test_outside_paths_are_refused_whether_or_not_they_exist(tmp_path: Path) -> None:
+    """Confinement is checked before existence: the answer tells nothing about files outside."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "exists.jsonl").write_text("{}\n", encoding="utf-8")
+    for source in (tmp_path / "exists.jsonl", tmp_path / "absent.jsonl", tmp_path / "absent"):
+        with pytest.raises(InvalidArgument) as error:
+            ds.load_rows(str(source), roots=[root.resolve()])
+        assert error.value.reason == "PATH_NOT_ALLOWED", source
+    with pytest.raises(NotFound) as missing:
+        ds.load_rows(str(root / "absent.jsonl"), roots=[root.resolve()])
+    assert missing.value.reason == "DATASET_NOT_FOUND"
+
+
+@pytest.mark.parametrize("name", ["pipe.jsonl", "pipe"])
+def test_a_fifo_as_the_dataset_is_invalid_argument(tmp_path: Path, name: str) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    caught: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            ds.load_rows(str(fifo), roots=[tmp_path.resolve()])
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # unblock the reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("loading a FIFO blocked")
+    assert caught and isinstance(caught[0], InvalidArgument), caught
+    assert caught[0].reason == "NOT_A_REGULAR_FILE"
+
+
 def test_bad_rows_are_reported_by_row_and_field(tmp_path: Path, tokenizer: Any) -> None:
     good = chat_rows(1)[0]
     long_text = " ".join(f"word{i}" for i in range(300))
@@ -211,3 +250,13 @@ def test_eval_split_holds_out_a_seeded_fraction() -> None:
     assert len(evaluation) == 2 and sorted(train + evaluation) == rows
     assert ds.split_rows(rows, 0.2, seed=1) == (train, evaluation)
     assert ds.split_rows(rows, 0.0, seed=1) == (rows, [])
+
+
+def test_default_dataset_roots_are_the_data_directory_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer_service.settings import TrainerSettings
+
+    monkeypatch.chdir(tmp_path)
+    settings = TrainerSettings(data_dir=tmp_path / "data", datasets_cache=tmp_path / "cache")
+    assert settings.resolved_dataset_roots() == [(tmp_path / "data").resolve()]

@@ -117,6 +117,17 @@ def test_list_pages_newest_first_with_filters(store: JobStore) -> None:
     assert error.value.reason == "INVALID_PAGE_TOKEN"
 
 
+@pytest.mark.parametrize("key", [[2**64], [-(2**63) - 1], [], [1, 2], ["job-1"], [True], [1.5]])
+def test_forged_page_tokens_are_invalid_argument(store: JobStore, key: list[object]) -> None:
+    from server_kit import filtering, paging
+
+    store.create("job-0", make_job())
+    forged = paging.encode_page_token(key, filtering.canonical([]))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument) as error:
+        store.list_jobs(page_size=2, page_token=forged)
+    assert error.value.reason == "INVALID_PAGE_TOKEN"
+
+
 def test_lifecycle_claim_progress_finish(store: JobStore) -> None:
     store.create("job-1", make_job(), {"k": "v"})
     claimed = store.claim_next("w1", 60)
@@ -230,3 +241,36 @@ def test_the_migrations_create_the_schema_the_code_uses(url: str) -> None:
     assert diff == []
     assert {"training_jobs", VERSION_TABLE} <= tables
     assert "alembic_version" not in tables  # the catalog's version table stays free when sharing a database
+
+
+def test_stored_job_strings_are_bounded_and_pages_sized_by_bytes(store: JobStore) -> None:
+    from server_kit import paging
+
+    huge = make_job()
+    huge.labels["k"] = "v" * (1 << 20)
+    with pytest.raises(InvalidArgument) as error:
+        store.create("huge", huge)
+    assert error.value.reason == "VALUE_TOO_LONG"
+    huge = make_job()
+    huge.dataset.source = "/d" * (1 << 20)
+    with pytest.raises(InvalidArgument) as error:
+        store.create("huge", huge)
+    assert error.value.reason == "VALUE_TOO_LONG"
+
+    count = paging.MAX_PAGE_BYTES // 100_000 + 10
+    for index in range(count):
+        job = make_job()
+        for key in range(40):
+            job.labels[f"k{key}"] = "v" * 2500
+        store.create(f"job-{index:03d}", job)
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        jobs, token = store.list_jobs(page_size=1000, page_token=token)
+        pages += 1
+        assert sum(j.ByteSize() for j in jobs) <= paging.MAX_PAGE_BYTES
+        seen.extend(j.name for j in jobs)
+        if not token:
+            break
+    assert pages >= 2 and len(seen) == count == len(set(seen))

@@ -57,6 +57,11 @@ class InferenceServiceStub:
                 request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.SerializeToString,
                 response_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/modelyard.inference.v1.InferenceService/Embed',
+                request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GenerateImage = channel.unary_unary(
                 '/modelyard.inference.v1.InferenceService/GenerateImage',
                 request_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.GenerateImageRequest.SerializeToString,
@@ -113,6 +118,15 @@ class InferenceServiceServicer:
 
     def StreamChat(self, request, context):
         """Answers a conversation, streaming content deltas as produced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds texts with a text model: one vector per input, the mean of the
+        model's last hidden states over the input's tokens. Engines that cannot
+        (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +190,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamChat,
                     request_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.FromString,
                     response_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedRequest.FromString,
+                    response_serializer=modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedResponse.SerializeToString,
             ),
             'GenerateImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateImage,
@@ -314,6 +333,33 @@ class InferenceService:
             '/modelyard.inference.v1.InferenceService/StreamChat',
             modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatRequest.SerializeToString,
             modelyard_dot_inference_dot_v1_dot_inference__service__pb2.StreamChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.inference.v1.InferenceService/Embed',
+            modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedRequest.SerializeToString,
+            modelyard_dot_inference_dot_v1_dot_inference__service__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

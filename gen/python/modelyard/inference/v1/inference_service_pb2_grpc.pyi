@@ -44,6 +44,11 @@ class InferenceServiceStub:
     """Answers a conversation rendered with the model's chat template."""
     StreamChat: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.StreamChatRequest, _inference_service_pb2.StreamChatResponse]
     """Answers a conversation, streaming content deltas as produced."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]
+    """Embeds texts with a text model: one vector per input, the mean of the
+    model's last hidden states over the input's tokens. Engines that cannot
+    (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+    """
     GenerateImage: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]
     """Generates one image from a prompt with an image model (diffusers engine),
     returning PNG bytes and the parameters used.
@@ -73,6 +78,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Answers a conversation rendered with the model's chat template."""
     StreamChat: _aio.UnaryStreamMultiCallable[_inference_service_pb2.StreamChatRequest, _inference_service_pb2.StreamChatResponse]  # type: ignore[assignment]
     """Answers a conversation, streaming content deltas as produced."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds texts with a text model: one vector per input, the mean of the
+    model's last hidden states over the input's tokens. Engines that cannot
+    (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+    """
     GenerateImage: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]  # type: ignore[assignment]
     """Generates one image from a prompt with an image model (diffusers engine),
     returning PNG bytes and the parameters used.
@@ -123,6 +133,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamChatResponse], _abc.AsyncIterator[_inference_service_pb2.StreamChatResponse]]:
         """Answers a conversation, streaming content deltas as produced."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_service_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.EmbedResponse, _abc.Awaitable[_inference_service_pb2.EmbedResponse]]:
+        """Embeds texts with a text model: one vector per input, the mean of the
+        model's last hidden states over the input's tokens. Engines that cannot
+        (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+        """
 
     @_abc_1.abstractmethod
     def GenerateImage(
