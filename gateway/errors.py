@@ -95,12 +95,7 @@ def from_rpc_error(error: ModelyardRpcError) -> GatewayError:
     if status == 500:
         request_id = error.request_id or "-"
         log.error("gateway: unexpected %s (request %s): %s", error.code.name, request_id, error)
-        return GatewayError(
-            500,
-            f"internal error (request id {request_id})",
-            type="InternalServerError",
-            code="internal_error",
-        )
+        return _internal(request_id)
     if error.code == grpc.StatusCode.NOT_FOUND:
         code = "model_not_found" if "MODEL" in reason or reason == "NOT_FOUND" else reason.lower()
     elif error.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -131,6 +126,11 @@ def from_validation_errors(errors: Sequence[Any]) -> GatewayError:
 def internal_error(error: BaseException, request_id: str) -> GatewayError:
     """A 500 for a bug in the gateway; the traceback goes to the log only."""
     log.error("gateway: unhandled error (request %s)", request_id, exc_info=error)
+    return _internal(request_id)
+
+
+def _internal(request_id: str) -> GatewayError:
+    """The 500 the caller sees: a generic message with the request id, the details logged."""
     return GatewayError(
         500, f"internal error (request id {request_id})", type="InternalServerError", code="internal_error"
     )

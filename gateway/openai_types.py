@@ -3,7 +3,7 @@
 Unknown fields are ignored, as vLLM's server does. Only types are checked here; the
 ranges of sampling parameters are checked once, by the inference service (its
 INVALID_ARGUMENT becomes a 400 in `gateway.errors`). Fields the gateway cannot honour
-(tools, echo, suffix, non-text content parts) are refused with a 400 by `gateway.app`
+(tools, echo, suffix, non-text content parts) are refused with a 400 by `gateway.translate`
 rather than silently dropped.
 """
 
