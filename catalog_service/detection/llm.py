@@ -146,7 +146,10 @@ def config_value(config: Any | None, raw: dict[str, Any], standard: str, aliases
             attribute_map = getattr(cfg, "attribute_map", None) or {}
             json_key = attribute_map.get(standard, standard)
             if json_key in data or standard in data:
-                value = getattr(cfg, standard, None)
+                try:
+                    value = getattr(cfg, standard, None)
+                except Exception:  # e.g. a per-layer attribute read globally (transformers 5)
+                    value = None
                 if value is not None:
                     return value
         for key in (standard, *aliases):

@@ -158,3 +158,13 @@ def test_detection_reads_the_head_size_and_sliding_window(tmp_path: Path) -> Non
     detected = detect(tmp_path / "q16").config
     assert isinstance(detected, model_pb2.LlmConfig)
     assert (detected.head_dim, detected.sliding_window) == (32, 128)
+
+
+def test_detection_survives_per_layer_config_attributes(tmp_path: Path) -> None:
+    """transformers 5 raises when a per-layer attribute (Gemma 4's head_dim) is read globally;
+    detection falls back to what config.json states instead of failing the import."""
+    from tinymodels.zoo import build_zoo_model, by_key
+
+    detected = detect(build_zoo_model(by_key("gemma4_text"), tmp_path / "gemma4")).config
+    assert isinstance(detected, model_pb2.LlmConfig)
+    assert detected.model_type == "gemma4_text" and detected.num_layers == 2

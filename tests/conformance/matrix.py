@@ -137,7 +137,7 @@ class Cell:
     @property
     def predicted_runs(self) -> bool:
         """The platform would send the model to this engine."""
-        return self.rules != "INCOMPATIBLE" and self.dry_run == "pass"
+        return self.rules in ("COMPATIBLE", "COMPATIBLE_WITH_WARNINGS") and self.dry_run == "pass"
 
     @property
     def runs(self) -> bool:
@@ -210,8 +210,11 @@ async def try_engine(settings: InferenceSettings, engine_name: str, folder: Path
             await asyncio.wait_for(engine.close(), 60)
 
 
-async def run(specs: Sequence[MatrixModel], workdir: Path, *, log: bool = True) -> list[Row]:
-    """Build each model of `specs` under `workdir` and fill its row for every engine."""
+async def run(
+    specs: Sequence[MatrixModel], workdir: Path, *, log: bool = True, checkpoint: Path | None = None
+) -> list[Row]:
+    """Build each model of `specs` under `workdir` and fill its row for every engine
+    (saving the rows so far to `checkpoint` after each model, when given)."""
     settings = matrix_settings(workdir / "data")
     engine_spec = await asyncio.to_thread(engine_specs, settings)
     rows: list[Row] = []
@@ -220,7 +223,10 @@ async def run(specs: Sequence[MatrixModel], workdir: Path, *, log: bool = True) 
         row = Row(spec)
         for name in ENGINES:
             cell = Cell()
-            cell.rules, cell.rules_reason = predict(folder, spec.key, engine_spec[name])
+            try:
+                cell.rules, cell.rules_reason = predict(folder, spec.key, engine_spec[name])
+            except Exception as exc:  # detection failing on a model is a finding, not a crash
+                cell.rules, cell.rules_reason = "ERROR", f"{type(exc).__name__}: {exc}"[:300]
             # The real engine is tried whatever the rules say: a false INCOMPATIBLE is a finding too.
             await try_engine(settings, name, folder, cell)
             row.cells[name] = cell
@@ -232,6 +238,8 @@ async def run(specs: Sequence[MatrixModel], workdir: Path, *, log: bool = True) 
                     flush=True,
                 )
         rows.append(row)
+        if checkpoint is not None:
+            save_results(rows, checkpoint)
     return rows
 
 
@@ -355,13 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = [k for k in args.only.split(",") if k] or (list(CI_KEYS) if args.ci else [])
     specs = all_models(keys)
     with tempfile.TemporaryDirectory(prefix="modelyard-matrix-") as tmp:
-        rows = asyncio.run(run(specs, Path(tmp)))
+        rows = asyncio.run(run(specs, Path(tmp), checkpoint=args.out.with_suffix(".partial.json")))
     results = args.out.with_suffix(".json")
     if args.update:
         fresh = {row.spec.key: row for row in rows}
         rows = [fresh.get(row.spec.key, row) for row in load_results(results)]
         rows += [row for key, row in fresh.items() if key not in {r.spec.key for r in rows}]
     save_results(rows, results)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     args.out.write_text(render(rows, engine_versions()), encoding="utf-8")
     print(f"wrote {args.out} and {results}", file=sys.stderr)
     return 0
