@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from grpc import aio
+from grpc_health.v1 import health, health_pb2
 from prometheus_client.registry import Collector
 
 from catalog_service.catalog import Catalog
@@ -15,6 +16,7 @@ from catalog_service.servicer import CatalogServicer
 from catalog_service.settings import CatalogSettings
 from catalog_service.store import CatalogStore
 from modelyard.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
+from server_kit.database import watch_database
 
 SERVICE_NAME = catalog_service_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 
@@ -31,6 +33,8 @@ class CatalogApp:
         self.store: CatalogStore | None = None
         self.catalog: Catalog | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._database_watch: asyncio.Task[None] | None = None
+        self._health: health.aio.HealthServicer | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +54,28 @@ class CatalogApp:
         """Models per kind and state, workers per role and state (`catalog_service.metrics`)."""
         return [catalog_collector(lambda: self.store)]
 
+    def use_health(self, servicer: health.aio.HealthServicer) -> None:
+        """The server's health servicer: the catalog service is NOT_SERVING while its
+        database does not answer (the server's own entry, ``""``, stays SERVING: the
+        process works, and restarting it would not bring the database back)."""
+        self._health = servicer
+
     async def on_serving(self, port: int) -> None:
         self._sweeper = asyncio.create_task(self._sweep_workers(), name="sweep-workers")
+        self._database_watch = asyncio.create_task(self._watch_database(), name="watch-database")
+
+    async def _watch_database(self) -> None:
+        """The catalog service's health follows its database (`watch_database`)."""
+
+        async def report(answers: bool) -> None:
+            if self._health is not None:
+                serving = health_pb2.HealthCheckResponse.SERVING
+                await self._health.set(
+                    SERVICE_NAME, serving if answers else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+
+        assert self.store is not None
+        await watch_database(self.store.check, report, what="the catalog database")
 
     async def _sweep_workers(self) -> None:
         """Delete workers silent for the store's `worker_retention`, once per heartbeat TTL."""
@@ -68,9 +92,10 @@ class CatalogApp:
                 log.info("swept %d expired worker(s): %s", len(gone), ", ".join(gone))
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        for task in (self._sweeper, self._database_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sweeper = self._database_watch = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)

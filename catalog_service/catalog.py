@@ -19,6 +19,11 @@ The import flow (`import_model`):
    the reason, then the deletion) and the error is raised: a failed import
    leaves nothing behind. An import interrupted by a crash is marked FAILED
    (`IMPORT_INTERRUPTED`) at the next start.
+
+Creation and clean-up are one unit: a cancelled import (the client's deadline passed,
+it disconnected) waits for the blocking step under way (the thread is not abandoned),
+stops the hashing (a cancel event checked between chunks) and removes the entry, even
+when the cancellation lands while the entry is being created (`_in_thread`, `_settle`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from catalog_service import compatibility, ranking, sources, validation
 from catalog_service.detection import detect
@@ -141,6 +148,29 @@ class ImportOptions:
     allow_download: bool = False
 
 
+T = TypeVar("T")
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, whatever its outcome, even when cancelled meanwhile."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
+
+
+async def _in_thread(cancel: threading.Event, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args)`` on a worker thread.  When the caller is cancelled: set ``cancel`` (work
+    that checks it stops), wait for the thread to finish, then raise CancelledError, so
+    nothing the thread writes lands after the caller's clean-up."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        await _settle(future)
+        raise
+
+
 class Catalog:
     """Models and workers: the operations behind CatalogService."""
 
@@ -247,12 +277,24 @@ class Catalog:
         else:
             entry.source.local.path = str(resolved.path)
 
-        created = await asyncio.to_thread(self._create_entry, entry, options.model_id, resolved)
+        cancel = threading.Event()
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(self._create_entry, entry, options.model_id, resolved)
+        )
+        try:
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError as exc:
+            # Cancelled while the row is being written: wait for it, then remove it.
+            await _settle(creating)
+            if not creating.cancelled() and creating.exception() is None:
+                await self._discard_failed(creating.result(), exc)
+            raise
         model_id = model_id_of(created.name)
         self.events.publish(model_id, created)
         try:
-            return await self._finish_import(created, resolved.path, resolved.hub)
+            return await self._finish_import(created, resolved.path, resolved.hub, cancel)
         except BaseException as exc:
+            cancel.set()
             await self._discard_failed(created, exc)
             raise
 
@@ -274,26 +316,30 @@ class Catalog:
         raise errors.AlreadyExists(f"no free id for {base} after 50 versions", reason="MODEL_ALREADY_EXISTS")
 
     async def _finish_import(
-        self, model: model_pb2.Model, path: Path, hub: model_pb2.HubMetadata | None
+        self,
+        model: model_pb2.Model,
+        path: Path,
+        hub: model_pb2.HubMetadata | None,
+        cancel: threading.Event,
     ) -> model_pb2.Model:
         model_id = model_id_of(model.name)
-        files = await asyncio.to_thread(hash_files, path, self.settings.resolved_allowed_roots())
+        files = await _in_thread(cancel, hash_files, path, self.settings.resolved_allowed_roots(), cancel)
         model.files.extend(files)
         model.size_bytes = sum(f.size_bytes for f in files)
         model.state = model_pb2.MODEL_STATE_VALIDATING
-        model = await asyncio.to_thread(self.store.save_model, model)
+        model = await _in_thread(cancel, self.store.save_model, model)
         self.events.publish(model_id, model)
 
         roots = self.settings.resolved_allowed_roots()
-        detection = await asyncio.to_thread(detect, path, allowed_roots=roots)
+        detection = await _in_thread(cancel, detect, path, allowed_roots=roots)
         detection.apply_to(model)
         if hub is not None and model.HasField("llm"):
             model.llm.hub.CopyFrom(hub)
         if model.HasField("llm") and model.llm.HasField("adapter"):
-            await asyncio.to_thread(self._link_adapter_base, model)
+            await _in_thread(cancel, self._link_adapter_base, model)
 
-        checks = await asyncio.to_thread(
-            validation.validate, path, detection, deep=False, allowed_roots=roots
+        checks = await _in_thread(
+            cancel, validation.validate, path, detection, deep=False, allowed_roots=roots
         )
         failed = [c for c in checks if c.outcome == worker_pb2.RULE_OUTCOME_FAIL]
         if failed:
@@ -303,7 +349,7 @@ class Catalog:
                 metadata={"checks": ",".join(c.check for c in failed)},
             )
         model.state = model_pb2.MODEL_STATE_READY
-        model = await asyncio.to_thread(self.store.save_model, model)
+        model = await _in_thread(cancel, self.store.save_model, model)
         self.events.publish(model_id, model)
         log.info("imported %s (%s) from %s", model.name, model_pb2.ModelKind.Name(model.kind), path)
         return model
@@ -330,15 +376,27 @@ class Catalog:
 
     async def _discard_failed(self, model: model_pb2.Model, exc: BaseException) -> None:
         model_id = model_id_of(model.name)
-        reason = getattr(exc, "reason", "IMPORT_FAILED")
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        reason = getattr(exc, "reason", "IMPORT_CANCELLED" if cancelled else "IMPORT_FAILED")
         failed = model_pb2.Model()
         failed.CopyFrom(model)
         failed.state = model_pb2.MODEL_STATE_FAILED
         failed.error.reason = reason
-        failed.error.message = getattr(exc, "message", "import interrupted")
+        failed.error.message = getattr(
+            exc, "message", "import cancelled" if cancelled else "import interrupted"
+        )
         self.events.publish(model_id, failed)
-        with contextlib.suppress(errors.NotFound):
-            await asyncio.shield(asyncio.to_thread(self.store.delete_model, model_id, force=True, etag=""))
+        # Shielded, and awaited to the end even when cancelled again: the entry must go.
+        deleting = asyncio.ensure_future(
+            asyncio.to_thread(self.store.delete_model, model_id, force=True, etag="")
+        )
+        await _settle(deleting)
+        error = None if deleting.cancelled() else deleting.exception()
+        if error is not None and not isinstance(error, errors.NotFound):
+            # The store is unreachable: the entry stays IMPORTING until the next start
+            # marks it FAILED (IMPORT_INTERRUPTED).
+            log.warning("could not remove the failed import %s: %s", model.name, error)
+            return
         self.events.publish(model_id, failed, deleted=True)
         log.info("import of %s failed (%s); entry removed", model.name, reason)
 
@@ -533,7 +591,7 @@ class Catalog:
         return report
 
     async def find_workers(
-        self, model_name: str, role: worker_pb2.WorkerRole.ValueType
+        self, model_name: str, role: worker_pb2.WorkerRole.ValueType, *, embeddings: bool = False
     ) -> catalog_service_pb2.FindWorkersResponse:
         model = await self.get_model(model_id_of(model_name, "model"))
         workers = await asyncio.to_thread(self.store.all_workers)
@@ -544,6 +602,7 @@ class Catalog:
             role or None,
             self._lookup,
             lookup_outcomes=_memoized(self._outcomes_of),
+            embeddings=embeddings,
         )
         # Each worker is bounded when stored; the answer is bounded too (best matches first,
         # then rejected workers), so many large workers cannot push it past the message limit.

@@ -6,21 +6,27 @@ cache stores a snapshot's files as links into `blobs/`) but only to targets insi
 allowed roots: a link leading elsewhere is refused with PermissionDenied
 (`PATH_OUTSIDE_ALLOWED_ROOTS`) without saying whether its target exists.
 `copy_and_hash(src, dst)` hashes while copying, so a copied file is read once too.
+
+Each takes an optional ``cancel`` event, checked between chunks: once it is set the
+work stops with `HashingCancelled` (a cancelled import does not go on reading).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from catalog_service.paths import hf_repo_folder, inside, open_regular, resolve_link
 from modelyard.catalog.v1 import model_pb2
+from server_kit import errors
 from server_kit.errors import InvalidArgument, PermissionDenied
 
 __all__ = [
     "SKIPPED_DIRS",
+    "HashingCancelled",
     "copy_and_hash",
     "copy_tree_and_hash",
     "hash_file",
@@ -34,6 +40,18 @@ CHUNK_BYTES = 4 * 1024 * 1024
 
 SKIPPED_DIRS = frozenset({".git", ".cache", "__pycache__"})
 """Folders that are tooling state, not model files (git metadata, huggingface_hub local_dir cache)."""
+
+
+class HashingCancelled(errors.Aborted):
+    """The ``cancel`` event was set: the caller no longer wants the result."""
+
+    def __init__(self) -> None:
+        super().__init__("hashing was cancelled", reason="IMPORT_CANCELLED")
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise HashingCancelled()
 
 
 def _outside(relative: str) -> PermissionDenied:
@@ -105,14 +123,16 @@ def iter_files(root: Path, allowed_roots: Sequence[Path] | None = None) -> Itera
     yield from found
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """`(size in bytes, hex sha256)` of one file, streamed in `CHUNK_BYTES` chunks."""
+def hash_file(path: Path, cancel: threading.Event | None = None) -> tuple[int, str]:
+    """`(size in bytes, hex sha256)` of one file, streamed in `CHUNK_BYTES` chunks
+    (`HashingCancelled` between two chunks once ``cancel`` is set)."""
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
     size = 0
     with open_regular(path, path.name) as handle:
         while True:
+            _check(cancel)
             count = handle.readinto(view)
             if not count:
                 break
@@ -121,7 +141,11 @@ def hash_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def hash_files(root: Path | str, allowed_roots: Sequence[Path] | None = None) -> list[model_pb2.ModelFile]:
+def hash_files(
+    root: Path | str,
+    allowed_roots: Sequence[Path] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[model_pb2.ModelFile]:
     """Every file under `root` (or `root` itself when it is a file) with size and sha256.
 
     Paths are relative to `root` (a single file: its name), posix style, sorted. Each
@@ -130,16 +154,21 @@ def hash_files(root: Path | str, allowed_roots: Sequence[Path] | None = None) ->
     Raises:
         PermissionDenied: `PATH_OUTSIDE_ALLOWED_ROOTS` for a symlink leading outside
             `allowed_roots`.
+        HashingCancelled: ``cancel`` was set (checked between chunks).
     """
     files: list[model_pb2.ModelFile] = []
     for relative, real in iter_files(Path(root), allowed_roots):
-        size, sha256 = hash_file(real)
+        size, sha256 = hash_file(real, cancel)
         files.append(model_pb2.ModelFile(path=relative, size_bytes=size, sha256=sha256))
     return files
 
 
 def copy_and_hash(
-    src: Path | str, dst: Path | str, *, relative_path: str | None = None
+    src: Path | str,
+    dst: Path | str,
+    *,
+    relative_path: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> model_pb2.ModelFile:
     """Copy `src` to `dst`, hashing the bytes on the way (one read of `src`).
 
@@ -158,6 +187,7 @@ def copy_and_hash(
     try:
         with open_regular(source, source.name) as reader, partial.open("wb") as writer:
             while True:
+                _check(cancel)
                 count = reader.readinto(view)
                 if not count:
                     break
@@ -175,7 +205,10 @@ def copy_and_hash(
 
 
 def copy_tree_and_hash(
-    src: Path | str, dst: Path | str, allowed_roots: Sequence[Path] | None = None
+    src: Path | str,
+    dst: Path | str,
+    allowed_roots: Sequence[Path] | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[model_pb2.ModelFile]:
     """Copy every file under `src` into `dst` (links resolved to their content), hashing each once.
 
@@ -184,5 +217,5 @@ def copy_tree_and_hash(
     destination = Path(dst)
     files: list[model_pb2.ModelFile] = []
     for relative, real in iter_files(Path(src), allowed_roots):
-        files.append(copy_and_hash(real, destination / relative, relative_path=relative))
+        files.append(copy_and_hash(real, destination / relative, relative_path=relative, cancel=cancel))
     return files

@@ -16,6 +16,11 @@ workers whose verdict is not INCOMPATIBLE, ordered by
 
 Every other worker is rejected with its report, so an empty answer says why
 per worker.
+
+For an `Embed` (`embeddings=True`) each worker is checked as the worker of its
+engines that compute embeddings only (`WorkerCapabilities.supports_embeddings`:
+transformers, not vLLM), so the report is that engine's; a worker without one is
+rejected with an `embeddings` result that says so (after its own engines' rules).
 """
 
 from __future__ import annotations
@@ -99,6 +104,31 @@ def _free_memory(worker: Worker) -> int:
     return device.free_memory_bytes if device.free_memory_bytes > 0 else device.memory_bytes
 
 
+def embedding_view(worker: Worker) -> Worker | None:
+    """`worker` with only its engines that compute embeddings, or None when it has none."""
+    engines_ = list(worker.engines) or [worker.capabilities]
+    able = [caps for caps in engines_ if caps.supports_embeddings]
+    if not able:
+        return None
+    view = Worker()
+    view.CopyFrom(worker)
+    view.capabilities.CopyFrom(able[0])
+    del view.engines[:]
+    if len(able) > 1:
+        view.engines.extend(able)
+    return view
+
+
+def _cannot_embed(worker: Worker) -> RuleResult:
+    """The `embeddings` result of a worker none of whose engines computes embeddings."""
+    engines_ = [caps.engine for caps in (list(worker.engines) or [worker.capabilities])]
+    message = (
+        f"no engine of this worker ({', '.join(e or '(none)' for e in engines_)}) computes embeddings; "
+        "Embed needs a worker with the transformers engine"
+    )
+    return RuleResult(rule="embeddings", outcome=FAIL, message=message)
+
+
 def rank(
     model: Model,
     workers: Iterable[Worker],
@@ -108,25 +138,30 @@ def rank(
     training_method: str | None = None,
     now: datetime | None = None,
     lookup_outcomes: OutcomeLookup | None = None,
+    embeddings: bool = False,
 ) -> tuple[Ranked, Ranked]:
     """Split `workers` into ranked matches and rejected ones, each with its compatibility report.
 
     `role` restricts to workers of that role (any when None or unspecified);
     `now` is the time heartbeat ages are measured against (default: now, UTC);
-    `lookup_outcomes` gives what engines did with a model (the `observed` rule).
+    `lookup_outcomes` gives what engines did with a model (the `observed` rule);
+    `embeddings` judges each worker by its engines that compute embeddings (see the module doc).
     """
     now = now or datetime.now(UTC)
     matches: Ranked = []
     rejected: Ranked = []
     for worker in workers:
+        view = embedding_view(worker) if embeddings else worker
         report = check(
             model,
-            worker,
+            worker if view is None else view,
             role=role,
             lookup_model=lookup_model,
             training_method=training_method,
             lookup_outcomes=lookup_outcomes,
         )
+        if view is None:
+            report.results.append(_cannot_embed(worker))
         state = worker_state_result(worker, now)
         results = [state, *report.results]
         del report.results[:]

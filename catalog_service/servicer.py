@@ -148,7 +148,7 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
     async def FindWorkers(
         self, request: pb.FindWorkersRequest, context: aio.ServicerContext
     ) -> pb.FindWorkersResponse:
-        return await self.catalog.find_workers(request.model, request.role)
+        return await self.catalog.find_workers(request.model, request.role, embeddings=request.embeddings)
 
     async def ReportEngineOutcome(
         self, request: pb.ReportEngineOutcomeRequest, context: aio.ServicerContext

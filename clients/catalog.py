@@ -194,10 +194,16 @@ class CatalogClient(SyncClient):
         return self.call("CheckCompatibility", request, lambda r: r.report, timeout=timeout)
 
     def find_workers(
-        self, model: str, role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED
+        self,
+        model: str,
+        role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED,
+        *,
+        embeddings: bool = False,
     ) -> pb.FindWorkersResponse:
-        """Healthy compatible workers for a model, best first, and the rejected ones with reasons."""
-        return self.call("FindWorkers", pb.FindWorkersRequest(model=model_name(model), role=role))
+        """Healthy compatible workers for a model, best first, and the rejected ones with reasons
+        (`embeddings`: only workers that can embed it)."""
+        request = pb.FindWorkersRequest(model=model_name(model), role=role, embeddings=embeddings)
+        return self.call("FindWorkers", request)
 
     def report_engine_outcome(
         self, model: str, outcome: worker_pb2.EngineOutcome
@@ -334,10 +340,15 @@ class AsyncCatalogClient(AsyncClient):
         return await self.call("CheckCompatibility", request, lambda r: r.report, timeout=timeout)
 
     async def find_workers(
-        self, model: str, role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED
+        self,
+        model: str,
+        role: worker_pb2.WorkerRole.ValueType = worker_pb2.WORKER_ROLE_UNSPECIFIED,
+        *,
+        embeddings: bool = False,
     ) -> pb.FindWorkersResponse:
-        """Healthy compatible workers for a model, best first."""
-        return await self.call("FindWorkers", pb.FindWorkersRequest(model=model_name(model), role=role))
+        """Healthy compatible workers for a model, best first (`embeddings`: that can embed it)."""
+        request = pb.FindWorkersRequest(model=model_name(model), role=role, embeddings=embeddings)
+        return await self.call("FindWorkers", request)
 
     async def report_engine_outcome(
         self, model: str, outcome: worker_pb2.EngineOutcome

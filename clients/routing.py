@@ -11,6 +11,8 @@ unreachable), tries the next one; when every known worker failed it asks the
 catalog again once. Only UNAVAILABLE fails over: any other error is the
 worker's answer. A stream fails over only before its first message arrives;
 an error after that is raised (the text already received cannot be undone).
+`embed` asks `FindWorkers` for the workers that can embed the model
+(`embeddings`), cached apart from the generation routes.
 """
 
 from __future__ import annotations
@@ -165,6 +167,11 @@ def _route_key(model: str, adapter: str | None) -> str:
     return model_name(adapter) if adapter else model_name(model)
 
 
+def _embed_key(key: str) -> str:
+    # Embed is routed apart (FindWorkers with `embeddings`): not every worker can embed.
+    return f"embed {key}"
+
+
 def _is_unavailable(error: ModelyardRpcError) -> bool:
     return error.code == grpc.StatusCode.UNAVAILABLE
 
@@ -205,15 +212,18 @@ class RoutedInferenceClient:
         self.last_address: str | None = None
         """Address of the worker that answered the last request."""
 
-    def addresses(self, model: str, *, refresh: bool = False) -> list[str]:
-        """Worker addresses for `model`, best first (cached; `refresh` asks the catalog)."""
+    def addresses(self, model: str, *, refresh: bool = False, embeddings: bool = False) -> list[str]:
+        """Worker addresses for `model`, best first (cached; `refresh` asks the catalog;
+        `embeddings`: the workers that can embed it, cached apart)."""
         key = model_name(model)
-        cached = None if refresh else self.routes.get(key)
+        cache_key = _embed_key(key) if embeddings else key
+        cached = None if refresh else self.routes.get(cache_key)
         if cached is not None:
             return cached
-        matches = ranked_matches(self.catalog.find_workers(key, self.role), key, self.role)
+        response = self.catalog.find_workers(key, self.role, embeddings=embeddings)
+        matches = ranked_matches(response, key, self.role)
         addresses = [match.worker.address for match in matches]
-        self.routes.put(key, addresses)
+        self.routes.put(cache_key, addresses)
         return addresses
 
     def client(self, address: str) -> InferenceClient:
@@ -222,11 +232,11 @@ class RoutedInferenceClient:
             self._clients[address] = InferenceClient(address, **self._client_kwargs)
         return self._clients[address]
 
-    def _run(self, key: str, call: Callable[[InferenceClient], T]) -> T:
+    def _run(self, key: str, call: Callable[[InferenceClient], T], *, embeddings: bool = False) -> T:
         tried: set[str] = set()
         last_error: ModelyardRpcError | None = None
         for refresh in (False, True):
-            for address in self.addresses(key, refresh=refresh):
+            for address in self.addresses(key, refresh=refresh, embeddings=embeddings):
                 if address in tried:
                     continue
                 tried.add(address)
@@ -236,7 +246,7 @@ class RoutedInferenceClient:
                     if not _is_unavailable(error):
                         raise
                     last_error = error
-                    self.routes.forget(key, address)
+                    self.routes.forget(_embed_key(key) if embeddings else key, address)
                     continue
                 self.last_address = address
                 return result
@@ -291,8 +301,8 @@ class RoutedInferenceClient:
         )
 
     def embed(self, model: str, inputs: Sequence[str], **kwargs: Any) -> pb.EmbedResponse:
-        """`InferenceClient.embed` on the best worker for the model."""
-        return self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs))
+        """`InferenceClient.embed` on the best worker that can embed the model."""
+        return self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs), embeddings=True)
 
     def load_model(self, model: str, *, max_model_len: int | None = None) -> pb.LoadedModel:
         """Load `model` on the best worker for it."""
@@ -336,15 +346,18 @@ class AsyncRoutedInferenceClient:
         self._clients: dict[str, AsyncInferenceClient] = {}
         self.last_address: str | None = None
 
-    async def addresses(self, model: str, *, refresh: bool = False) -> list[str]:
-        """Worker addresses for `model`, best first (cached; `refresh` asks the catalog)."""
+    async def addresses(self, model: str, *, refresh: bool = False, embeddings: bool = False) -> list[str]:
+        """Worker addresses for `model`, best first (cached; `refresh` asks the catalog;
+        `embeddings`: the workers that can embed it, cached apart)."""
         key = model_name(model)
-        cached = None if refresh else self.routes.get(key)
+        cache_key = _embed_key(key) if embeddings else key
+        cached = None if refresh else self.routes.get(cache_key)
         if cached is not None:
             return cached
-        matches = ranked_matches(await self.catalog.find_workers(key, self.role), key, self.role)
+        response = await self.catalog.find_workers(key, self.role, embeddings=embeddings)
+        matches = ranked_matches(response, key, self.role)
         addresses = [match.worker.address for match in matches]
-        self.routes.put(key, addresses)
+        self.routes.put(cache_key, addresses)
         return addresses
 
     def client(self, address: str) -> AsyncInferenceClient:
@@ -353,11 +366,13 @@ class AsyncRoutedInferenceClient:
             self._clients[address] = AsyncInferenceClient(address, **self._client_kwargs)
         return self._clients[address]
 
-    async def _run(self, key: str, call: Callable[[AsyncInferenceClient], Awaitable[T]]) -> T:
+    async def _run(
+        self, key: str, call: Callable[[AsyncInferenceClient], Awaitable[T]], *, embeddings: bool = False
+    ) -> T:
         tried: set[str] = set()
         last_error: ModelyardRpcError | None = None
         for refresh in (False, True):
-            for address in await self.addresses(key, refresh=refresh):
+            for address in await self.addresses(key, refresh=refresh, embeddings=embeddings):
                 if address in tried:
                     continue
                 tried.add(address)
@@ -367,7 +382,7 @@ class AsyncRoutedInferenceClient:
                     if not _is_unavailable(error):
                         raise
                     last_error = error
-                    self.routes.forget(key, address)
+                    self.routes.forget(_embed_key(key) if embeddings else key, address)
                     continue
                 self.last_address = address
                 return result
@@ -425,8 +440,8 @@ class AsyncRoutedInferenceClient:
         )
 
     async def embed(self, model: str, inputs: Sequence[str], **kwargs: Any) -> pb.EmbedResponse:
-        """`AsyncInferenceClient.embed` on the best worker for the model."""
-        return await self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs))
+        """`AsyncInferenceClient.embed` on the best worker that can embed the model."""
+        return await self._run(model_name(model), lambda c: c.embed(model, inputs, **kwargs), embeddings=True)
 
     async def load_model(self, model: str, *, max_model_len: int | None = None) -> pb.LoadedModel:
         """Load `model` on the best worker for it."""

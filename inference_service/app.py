@@ -185,6 +185,7 @@ class InferenceApp:
         worker_id = self.settings.resolved_worker_id(port)
         self.servicer.server_info.worker_id = worker_id
         self.manager.selector.worker_name = f"workers/{worker_id}"
+        self.manager.embed_selector.worker_name = f"workers/{worker_id}"
         if not self.settings.catalog_address:
             return
         self.registration = WorkerRegistration(

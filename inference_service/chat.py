@@ -7,18 +7,111 @@ environment with ``raise_exception``, ``strftime_now`` and the ``{% generation %
 extension) with ``add_generation_prompt=True``, so the prompt ends where the assistant's
 answer begins.  The rendered text already holds the template's special tokens: encode it
 with ``add_special_tokens=False``.
+
+A template is code the request (or the model's files) supplies, so rendering runs under a
+budget (`RenderBudget`): at most ``max_chars`` characters of output and ``seconds`` of
+wall time, checked between the template's output pieces and on every line the compiled
+template executes.  Past either, InvalidArgument ``CHAT_TEMPLATE_BUDGET_EXCEEDED``.  The
+server renders on a worker thread (`render_and_encode`) so the event loop keeps answering
+while a template runs.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
 if TYPE_CHECKING:
     from inference_service.engines.base import Tokenizer
+
+DEFAULT_MAX_RENDERED_CHARS = 8 * 1024 * 1024
+"""Most characters a rendered chat prompt may have when no context length bounds it."""
+
+CHARS_PER_CONTEXT_TOKEN = 64
+"""Characters allowed per token of the model's context: no prompt longer fits it anyway."""
+
+MIN_RENDERED_CHARS = 64 * 1024
+"""Least rendered size allowed, however short the context."""
+
+DEFAULT_RENDER_SECONDS = 2.0
+"""Wall time a chat template may take to render."""
+
+
+@dataclass(frozen=True)
+class RenderBudget:
+    """Bounds on rendering one chat template."""
+
+    max_chars: int = DEFAULT_MAX_RENDERED_CHARS
+    seconds: float = DEFAULT_RENDER_SECONDS
+
+    @classmethod
+    def for_context(cls, max_model_len: int, seconds: float = DEFAULT_RENDER_SECONDS) -> RenderBudget:
+        """The budget for a model with ``max_model_len`` tokens of context."""
+        chars = max(MIN_RENDERED_CHARS, max_model_len * CHARS_PER_CONTEXT_TOKEN)
+        return cls(max_chars=min(chars, DEFAULT_MAX_RENDERED_CHARS), seconds=seconds)
+
+
+class _OverBudget(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _budget_error(budget: RenderBudget, what: str) -> InvalidArgument:
+    if what == "size":
+        detail = f"its output exceeded {budget.max_chars} characters"
+    else:
+        detail = f"it ran longer than {budget.seconds:g} s"
+    return InvalidArgument(
+        f"the chat template was stopped: {detail}; templates must render a prompt that fits "
+        "the model's context, quickly",
+        reason="CHAT_TEMPLATE_BUDGET_EXCEEDED",
+        violations=[FieldViolation("chat_template", detail)],
+        metadata={"limit": what, "max_chars": str(budget.max_chars), "seconds": f"{budget.seconds:g}"},
+    )
+
+
+def _render_bounded(compiled: Any, budget: RenderBudget, variables: dict[str, Any]) -> str:
+    """``compiled.generate(**variables)`` joined, stopped past ``budget``.
+
+    A line tracer on the template's own frames (compiled jinja code, file ``<template>``)
+    checks the deadline, so loops that print nothing are stopped too; other frames are
+    not traced.  The thread's previous tracer (a coverage tool, a debugger) is restored.
+    """
+    deadline = time.monotonic() + budget.seconds
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OverBudget("time")
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename == "<template>":
+            return on_line(frame, event, arg)
+        return None
+
+    pieces: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for piece in compiled.generate(**variables):
+            size += len(piece)
+            if size > budget.max_chars:
+                raise _OverBudget("size")
+            if time.monotonic() > deadline:
+                raise _OverBudget("time")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
+
 
 CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
 """Roles a chat message may have."""
@@ -89,27 +182,40 @@ def render_chat(
     *,
     template: str | None = None,
     add_generation_prompt: bool = True,
+    budget: RenderBudget | None = None,
 ) -> str:
-    """Render ``messages`` into a prompt with the model's chat template (or ``template``).
+    """Render ``messages`` into a prompt with the model's chat template (or ``template``),
+    within ``budget`` (default `RenderBudget()`).  Blocking: the server renders through
+    `render_and_encode` on a worker thread.
 
     Raises:
         FailedPrecondition: ``NO_CHAT_TEMPLATE`` (no template anywhere).
         InvalidArgument: ``INVALID_CHAT_MESSAGES`` / ``EMPTY_CONVERSATION`` for bad
             messages, ``INVALID_CHAT_TEMPLATE`` for a template that does not parse,
             ``CHAT_TEMPLATE_ERROR`` when the template refuses the conversation (its
-            ``raise_exception`` message, e.g. "roles must alternate").
+            ``raise_exception`` message, e.g. "roles must alternate"),
+            ``CHAT_TEMPLATE_BUDGET_EXCEEDED`` past the size or time budget.
     """
     import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     conversation = validate_messages(messages)
     chosen = resolve_template(tokenizer, template)
+    budget = budget or RenderBudget()
     try:
-        rendered = tokenizer.hf_tokenizer.apply_chat_template(
-            conversation,
-            chat_template=chosen,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        # What transformers' apply_chat_template(tokenize=False) renders (same compiled
+        # environment, same variables), but piece by piece so the budget can stop it.
+        compiled = _compile_jinja_template(chosen)
+        variables = {
+            **tokenizer.hf_tokenizer.special_tokens_map,
+            "messages": conversation,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        rendered = _render_bounded(compiled, budget, variables)
+    except _OverBudget as exc:
+        raise _budget_error(budget, exc.what) from None
     except jinja2.TemplateSyntaxError as exc:
         field = "chat_template" if template else "model.chat_template"
         raise InvalidArgument(
@@ -130,3 +236,18 @@ def render_chat(
             reason="CHAT_TEMPLATE_ERROR",
         ) from exc
     return str(rendered)
+
+
+def render_and_encode(
+    tokenizer: Tokenizer,
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    *,
+    template: str | None = None,
+    budget: RenderBudget | None = None,
+) -> list[int]:
+    """The prompt token ids of ``messages`` rendered with the template (see `render_chat`).
+
+    Blocking (rendering and tokenizing): the servicer runs it with ``asyncio.to_thread``.
+    """
+    prompt = render_chat(tokenizer, messages, template=template, budget=budget)
+    return tokenizer.encode(prompt, add_special_tokens=False)

@@ -9,6 +9,14 @@ of this server's engines whose compatibility check, dry run, load and first
 generation step all pass (FAILED_PRECONDITION with every engine's reason
 otherwise).
 
+Embeddings (`embed_target`): a model whose engine computes embeddings (transformers)
+is embedded by that engine. Otherwise (vLLM) the model gets an embedding engine of its
+own, loaded on the first Embed and kept apart from the generation engine: the first of
+this server's engines that compute embeddings (`Engine.supports_embeddings`), chosen by
+a second `EngineSelector` over those engines only, with the model's adapters hot-loaded
+onto it as they are asked for. A server without such an engine answers UNIMPLEMENTED
+``EMBEDDINGS_UNSUPPORTED``. UnloadModel unloads both engines of a model.
+
 Admission: at most `max_concurrent_requests` requests run at once; one more
 gets RESOURCE_EXHAUSTED at once rather than queueing without bound.
 
@@ -130,6 +138,16 @@ def image_adapter_mismatch(model: model_pb2.Model, adapter: model_pb2.Model) -> 
     )
 
 
+def _find(models: dict[str, LoadedModel], name: str) -> tuple[LoadedModel, str | None] | None:
+    """(the loaded model, None) for a base `name`, (its base, `name`) for an adapter, else None."""
+    if name in models:
+        return models[name], None
+    for base in models.values():
+        if name in base.adapters:
+            return base, name
+    return None
+
+
 class KeyedLocks:
     """One asyncio lock per key, kept only while someone holds or waits for it.
 
@@ -180,6 +198,18 @@ class ModelManager:
         self.selector = EngineSelector(
             catalog, engine_specs, engine_factory, preferred_engine=preferred_engine
         )
+        names = list(engine_specs) if preferred_engine == "auto" else [preferred_engine]
+        self.embed_selector = EngineSelector(
+            catalog,
+            {
+                name: engine_specs[name]
+                for name in names
+                if name in engine_specs and engine_specs[name].capabilities.supports_embeddings
+            },
+            engine_factory,
+        )
+        """Chooses the embedding engine of a model whose own engine cannot embed."""
+        self._embedders: dict[str, LoadedModel] = {}
         self.load_on_first_use = load_on_first_use
         self.max_concurrent_requests = max_concurrent_requests
         self._loaded: dict[str, LoadedModel] = {}
@@ -323,9 +353,11 @@ class ModelManager:
         return base
 
     async def unload(self, name: str) -> None:
-        """Unload a base model (and its adapters), or one adapter."""
+        """Unload a base model (and its adapters), or one adapter; its embedding engine too."""
         name = model_name(name)
         if await self._unload_image(name):
+            return
+        if await self._unload_embedder(name) and not self._holds(name):
             return
         failed = name in self._failed
         if failed:
@@ -349,6 +381,117 @@ class ModelManager:
     def loaded(self) -> list[LoadedModel]:
         """Loaded base models, in load order."""
         return list(self._loaded.values())
+
+    def embedders(self) -> list[LoadedModel]:
+        """Embedding engines loaded for models whose own engine cannot embed, in load order."""
+        return list(self._embedders.values())
+
+    def _holds(self, name: str) -> bool:
+        """Whether `name` is loaded (or failed) for generation, as a base model or an adapter."""
+        if name in self._loaded or name in self._failed:
+            return True
+        return any(name in loaded.adapters for loaded in self._loaded.values())
+
+    # ---- embeddings ---------------------------------------------------------------------------
+
+    async def embed_target(self, model: str) -> tuple[LoadedModel, str | None]:
+        """The loaded model (and adapter id) an Embed request runs on: the model's own engine
+        when it computes embeddings, else the model's embedding engine (see the module doc)."""
+        if not model:
+            raise errors.InvalidArgument(
+                "model is required",
+                reason="MISSING_FIELD",
+                violations=[errors.FieldViolation("model", "required")],
+            )
+        name = model_name(model)
+        served = _find(self._loaded, name)
+        if served is not None and served[0].engine.supports_embeddings:
+            return served
+        if not self.embed_selector.engine_specs:
+            engines = ", ".join(self.selector.candidates())
+            raise errors.Unimplemented(
+                f"no engine of this worker ({engines}) computes embeddings; use a worker with "
+                "the transformers engine",
+                reason="EMBEDDINGS_UNSUPPORTED",
+                metadata={"engine": served[0].engine.name if served else engines},
+            )
+        first = self.selector.candidates()[0]
+        if served is None and self.engine_specs[first].capabilities.supports_embeddings:
+            return await self.target(model)  # the generation engine embeds: one engine for both
+        embedded = _find(self._embedders, name)
+        if embedded is not None:
+            return embedded
+        if served is None and not self.load_on_first_use:
+            raise errors.NotFound(
+                f"{name} is not loaded; call LoadModel first",
+                reason="MODEL_NOT_LOADED",
+                metadata={"model": name},
+            )
+        return await self._load_embedder(name)
+
+    async def _load_embedder(self, name: str) -> tuple[LoadedModel, str | None]:
+        """Load the embedding engine of `name` (for an adapter: of its base, with the adapter)."""
+        async with self._loading.hold(f"embed {name}"):
+            embedded = _find(self._embedders, name)
+            if embedded is not None:
+                return embedded
+            model = await self._catalog_model(name)
+            if model.state != model_pb2.MODEL_STATE_READY:
+                raise errors.FailedPrecondition(
+                    f"{name} is {model_pb2.ModelState.Name(model.state)}, not READY", reason="MODEL_NOT_READY"
+                )
+            if model.WhichOneof("config") == "image":
+                raise errors.FailedPrecondition(
+                    f"{name} is an image model: it has no text embeddings",
+                    reason="IMAGE_MODEL",
+                    metadata={"model": name},
+                )
+            if model.HasField("llm") and model.llm.HasField("adapter"):
+                base_name = model.llm.adapter.base_model or model.parent
+                if not base_name:
+                    raise errors.FailedPrecondition(
+                        f"adapter {name} has no base model in the catalog; import its base first",
+                        reason="ADAPTER_BASE_UNKNOWN",
+                    )
+                base, _ = await self._load_embedder(model_name(base_name))
+                if not base.engine.supports_lora:
+                    raise errors.FailedPrecondition(
+                        f"engine {base.engine.name} cannot apply LoRA adapters", reason="LORA_UNSUPPORTED"
+                    )
+                await base.engine.add_adapter(name, Path(model.local_path))
+                base.adapters[name] = model
+                return base, name
+            started = time.perf_counter()
+            selection = await self.embed_selector.start(model, None)
+            assert selection.engine is not None
+            loaded = LoadedModel(
+                model=model,
+                engine=selection.engine,
+                defaults=_defaults_of(model),
+                outcomes=selection.outcomes,
+            )
+            self._embedders[name] = loaded
+            log.info(
+                "loaded %s on %s for embeddings in %.1f s",
+                name,
+                selection.engine_name,
+                time.perf_counter() - started,
+            )
+            return loaded, None
+
+    async def _unload_embedder(self, name: str) -> bool:
+        """Unload the embedding engine of `name`, or its adapter `name`; False when neither."""
+        loaded = self._embedders.pop(name, None)
+        if loaded is not None:
+            await loaded.engine.close()
+            log.info("unloaded the embedding engine of %s", name)
+            return True
+        for base in self._embedders.values():
+            if name in base.adapters:
+                await base.engine.remove_adapter(name)
+                del base.adapters[name]
+                return True
+        return False
 
     async def target(self, model: str, adapter: str = "") -> tuple[LoadedModel, str | None]:
         """The loaded model (and adapter id) a request runs on, loading them when allowed."""
@@ -688,3 +831,5 @@ class ModelManager:
             await loaded.engine.close()
         for name in list(self._images):
             await self._images.pop(name).engine.close()
+        for name in list(self._embedders):
+            await self._embedders.pop(name).engine.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from grpc import aio
 
+from inference_service.chat import RenderBudget, render_and_encode
 from inference_service.engines.base import (
+    Engine,
     EngineDelta,
     EngineRequest,
     FinishReason,
@@ -74,7 +77,7 @@ def loaded_model_proto(loaded: LoadedModel | LoadedImageModel) -> pb.LoadedModel
 
 
 def _all_loaded(manager: ModelManager) -> list[LoadedModel | LoadedImageModel]:
-    return [*manager.loaded(), *manager.loaded_images()]
+    return [*manager.loaded(), *manager.loaded_images(), *manager.embedders()]
 
 
 def image_request(request: pb.GenerateImageRequest, adapter_id: str | None) -> ImageRequest:
@@ -163,8 +166,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         add_special_tokens: bool = True,
     ) -> tuple[LoadedModel, EngineRequest]:
         loaded, adapter_id = await self.manager.target(model, adapter)
-        # The engine tokenizes a text prompt and validates the request (sampling ranges,
-        # prompt ids, context length) when its stream starts: not done twice here.
+        if prompt_token_ids is None and isinstance(loaded.engine, Engine):
+            # A text prompt (up to the largest gRPC message) is tokenized on a worker
+            # thread, not on the event loop.
+            prompt_token_ids = await asyncio.to_thread(
+                loaded.engine.tokenizer.encode, prompt or "", add_special_tokens=add_special_tokens
+            )
+        # The engine validates the request (sampling ranges, prompt ids, context length)
+        # when its stream starts: not done twice here.
         request = EngineRequest(
             request_id=request_id or uuid.uuid4().hex,
             prompt=(prompt or "") if prompt_token_ids is None else None,
@@ -200,15 +209,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         template = request.chat_template if request.HasField("chat_template") else None
         if template is None and loaded.model.llm.tokenizer.HasField("chat_template"):
             template = loaded.model.llm.tokenizer.chat_template  # the one recorded in the catalog
-        prompt = loaded.engine.tokenizer.apply_chat_template(messages, template=template)
+        # The template is code: rendered (and the prompt tokenized) on a worker thread
+        # within a size and time budget, so the event loop keeps serving (GetServerInfo,
+        # health) while it runs.
+        engine = loaded.engine
+        ids = await asyncio.to_thread(
+            render_and_encode,
+            engine.tokenizer,
+            messages,
+            template=template,
+            budget=RenderBudget.for_context(engine.max_model_len),
+        )
         return await self._prepare(
             request.model,
             request.adapter,
             request.sampling,
             request.structured_output,
             request.request_id,
-            prompt=prompt,
-            add_special_tokens=False,
+            prompt_token_ids=ids,
         )
 
     async def Generate(
@@ -295,7 +313,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 violations=[FieldViolation("inputs", f"at most {MAX_EMBED_INPUTS}")],
             )
         with self.manager.admit():
-            loaded, adapter_id = await self.manager.target(request.model)
+            loaded, adapter_id = await self.manager.embed_target(request.model)
             normalize = request.normalize if request.HasField("normalize") else True
             inputs = list(request.inputs)
             result = await loaded.engine.embed(inputs, adapter_id=adapter_id, normalize=normalize)

@@ -353,6 +353,7 @@ def transformers_capabilities(
         quantizations=_transformers_quantizations(_is_cuda(device)),
         supports_lora=_installed("peft"),
         allows_remote_code=allows_remote_code,
+        supports_embeddings=True,  # mean-pooled last hidden states (`TransformersEngine.embed`)
     )
     if max_context_length is not None:
         caps.max_context_length = max_context_length

@@ -7,6 +7,11 @@ schema and its Alembic migrations in its own package and describes them with a
 `Migrations`, which runs them from the installed package (whatever the working
 directory), one replica at a time on PostgreSQL (an advisory lock).
 
+PostgreSQL connections have timeouts (`CONNECT_TIMEOUT_SECONDS` for the whole start-up
+handshake, `STATEMENT_TIMEOUT_MS` per statement, TCP keepalives and
+`TCP_USER_TIMEOUT_MS` for a peer that vanishes), so a database that accepts TCP and
+never answers fails calls with `Unavailable` instead of hanging them.
+
 Driver errors that mean "the database cannot be reached or is busy"
 (`OperationalError`, `InterfaceError`) become `Unavailable` in
 `database_errors()`, the one place that maps them.
@@ -14,9 +19,11 @@ Driver errors that mean "the database cannot be reached or is busy"
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +36,18 @@ from sqlalchemy.types import TypeDecorator
 
 from server_kit.errors import Unavailable
 
+log = logging.getLogger("modelyard.database")
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+DATABASE_CHECK_SECONDS = 2.0
+"""How often a service asks its database whether it answers (`watch_database`)."""
+CONNECT_TIMEOUT_SECONDS = 5
+"""Longest a PostgreSQL connection may take to be established (libpq ``connect_timeout``)."""
+STATEMENT_TIMEOUT_MS = 30_000
+"""Longest one statement may run on PostgreSQL (``statement_timeout``; 0 for migrations,
+which may wait on another replica's advisory lock)."""
+TCP_USER_TIMEOUT_MS = 30_000
+"""Longest sent data may stay unacknowledged before the connection is dropped (Linux)."""
 # Execution option on a Connection: begin its transaction with BEGIN IMMEDIATE on SQLite.
 SQLITE_IMMEDIATE = "modelyard_sqlite_immediate"
 
@@ -71,8 +89,25 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+def postgres_connect_args(given: dict[str, Any] | None, statement_timeout_ms: int) -> dict[str, Any]:
+    """libpq connection parameters with Modelyard's timeouts (those in ``given`` win)."""
+    args = dict(given or {})
+    args.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+    args.setdefault("keepalives", 1)
+    args.setdefault("keepalives_idle", 10)
+    args.setdefault("keepalives_interval", 5)
+    args.setdefault("keepalives_count", 3)
+    args.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_MS)
+    if statement_timeout_ms:
+        options = args.get("options", "")
+        args["options"] = f"{options} -c statement_timeout={statement_timeout_ms}".strip()
+    return args
+
+
+def make_engine(url: str | URL, *, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, **kwargs: Any) -> Engine:
     """An engine for `url` with Modelyard's connection settings.
+
+    PostgreSQL: the timeouts of `postgres_connect_args` (connect, statement, keepalives).
 
     SQLite: the parent folder is created, WAL journal, `foreign_keys=ON`, a busy
     timeout, and transactions begun by SQLAlchemy (`BEGIN`, or `BEGIN IMMEDIATE`
@@ -82,6 +117,8 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_recycle", 1800)
+        if parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = postgres_connect_args(kwargs.get("connect_args"), statement_timeout_ms)
         return create_engine(parsed, **kwargs)
 
     database = parsed.database or ""
@@ -132,6 +169,34 @@ def database_errors(what: str = "the database") -> Iterator[None]:
         ) from error
 
 
+async def watch_database(
+    check: Callable[[], None],
+    report: Callable[[bool], Awaitable[None]],
+    *,
+    what: str = "the database",
+    interval: float = DATABASE_CHECK_SECONDS,
+) -> None:
+    """Run ``check`` (blocking; raises when the database does not answer) on a thread every
+    ``interval`` s and ``report(answers)`` on each change, until cancelled.  The services
+    report their own health entry NOT_SERVING while their store does not answer."""
+    answered = True
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(check)
+            answers, problem = True, ""
+        except Exception as exc:  # Unavailable (DATABASE_UNAVAILABLE), or anything else
+            answers, problem = False, str(exc)
+        if answers == answered:
+            continue
+        answered = answers
+        if answers:
+            log.info("%s answers again", what)
+        else:
+            log.warning("%s does not answer: %s", what, problem)
+        await report(answers)
+
+
 @dataclass(frozen=True)
 class Migrations:
     """One service's Alembic migrations, run from its installed package."""
@@ -158,7 +223,11 @@ class Migrations:
     @contextlib.contextmanager
     def _connection(self, target: str | URL | Engine) -> Iterator[Connection]:
         """A connection to migrate through (a given engine is used as is, and kept)."""
-        engine = target if isinstance(target, Engine) else make_engine(target, poolclass=NullPool)
+        engine = (
+            target
+            if isinstance(target, Engine)
+            else make_engine(target, poolclass=NullPool, statement_timeout_ms=0)
+        )
         try:
             with engine.connect() as connection:
                 postgres = connection.dialect.name == "postgresql"
@@ -260,7 +329,7 @@ def run_alembic_env(metadata: MetaData, url_env: str, version_table: str = "alem
     if connection is not None:
         run(connection)
         return
-    engine = make_engine(url(), poolclass=NullPool)
+    engine = make_engine(url(), poolclass=NullPool, statement_timeout_ms=0)
     try:
         with engine.connect() as conn:
             run(conn)

@@ -6,12 +6,14 @@ import asyncio
 import logging
 
 from grpc import aio
+from grpc_health.v1 import health, health_pb2
 from prometheus_client.registry import Collector
 
 from clients.catalog import AsyncCatalogClient
 from modelyard.catalog.v1 import catalog_service_pb2, worker_pb2
 from modelyard.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 from server_kit import capabilities
+from server_kit.database import watch_database
 from server_kit.registration import WorkerRegistration
 from trainer_service.db import migrate
 from trainer_service.jobs import JobStore
@@ -53,6 +55,8 @@ class TrainerApp:
         self.manager: JobManager | None = None
         self.registration: WorkerRegistration | None = None
         self.spec: worker_pb2.EngineSpec | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._database_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -92,7 +96,28 @@ class TrainerApp:
         """Job states and the progress of this trainer's jobs (`trainer_service.metrics`)."""
         return [trainer_collector(lambda: self.store, lambda: self.manager)]
 
+    def use_health(self, servicer: health.aio.HealthServicer) -> None:
+        """The server's health servicer: the trainer service is NOT_SERVING while the job
+        database does not answer (``""`` stays SERVING: the process works)."""
+        self._health = servicer
+
+    def _check_database(self) -> None:
+        if self.store is not None:
+            self.store.check()
+
+    async def _report_database(self, answers: bool) -> None:
+        if self._health is not None:
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await self._health.set(
+                SERVICE_NAME, serving if answers else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
     async def on_serving(self, port: int) -> None:
+        if self.store is not None:
+            self._database_watch = asyncio.create_task(
+                watch_database(self._check_database, self._report_database, what="the trainer database"),
+                name="watch-database",
+            )
         if not self.settings.catalog_address:
             return
         self.registration = WorkerRegistration(
@@ -131,6 +156,10 @@ class TrainerApp:
         )
 
     async def stop(self) -> None:
+        if self._database_watch is not None:
+            self._database_watch.cancel()
+            await asyncio.gather(self._database_watch, return_exceptions=True)
+            self._database_watch = None
         if self.manager is not None:
             await self.manager.stop()
         if self.registration is not None:

@@ -149,6 +149,11 @@ class JobStore:
 
     # ------------------------------------------------------------------ plumbing
 
+    def check(self) -> None:
+        """Raise `Unavailable` unless the database answers (for health checks)."""
+        with self._read() as conn:
+            conn.execute(select(1)).scalar_one()
+
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
         with db.database_errors(), self.engine.connect() as conn:

@@ -110,9 +110,9 @@ def register(sub: Subparsers) -> None:
         description=(
             "Embed each TEXT with MODEL (a catalog model, or an adapter run on its base): one\n"
             "vector per text, the mean of the model's last hidden states, scaled to unit length.\n"
-            "Routed like generate. Prints one JSON array per line (--json: the EmbedResponse);\n"
-            "token counts and the worker go to stderr. Engines that cannot embed (vLLM) answer\n"
-            "UNIMPLEMENTED EMBEDDINGS_UNSUPPORTED; TEXT - reads one text per line from stdin."
+            "Routed to a worker that can embed (a vLLM-served model is embedded by the worker's\n"
+            "transformers engine). Prints one JSON array per line (--json: the EmbedResponse);\n"
+            "token counts and the worker go to stderr; TEXT - reads one text per line from stdin."
         ),
         epilog=(
             "examples:\n"

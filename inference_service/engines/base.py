@@ -362,6 +362,11 @@ class Engine(abc.ABC):
         return True
 
     @property
+    def supports_embeddings(self) -> bool:
+        """Whether `embed` computes embeddings (False: it raises ``EMBEDDINGS_UNSUPPORTED``)."""
+        return False
+
+    @property
     def alive(self) -> bool:
         """False once the engine died under the server (e.g. its process was killed): it
         serves nothing more and must be replaced.  Not started or closed is not dead."""

@@ -203,6 +203,11 @@ class TransformersEngine(TokenLoopEngine):
 
     # -- embeddings ---------------------------------------------------------------------
 
+    @property
+    def supports_embeddings(self) -> bool:
+        """Mean-pooled last hidden states (`embed`)."""
+        return True
+
     async def embed(
         self, texts: PySequence[str], *, adapter_id: str | None = None, normalize: bool = True
     ) -> EmbedResult:

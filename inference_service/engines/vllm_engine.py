@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference_service.engines import vllm_lifeline
 from inference_service.engines.base import (
     Engine,
     EngineDelta,
@@ -291,6 +292,7 @@ class VllmEngine(Engine):
 
         tokenizer = Tokenizer.from_pretrained(self._model_path, trust_remote_code=self._trust_remote_code)
         args = self._engine_args()
+        vllm_lifeline.install()  # the EngineCore process dies with this server
         try:
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_recorder(self._scheduler_stats)])
         except Exception as exc:

@@ -765,6 +765,29 @@ def test_rank_with_no_match_says_why_per_worker() -> None:
     assert any("use a llama-cpp, transformers or vllm worker" in m for m in messages["workers/sd"])
 
 
+def test_rank_for_embeddings_judges_each_worker_by_its_embedding_engines() -> None:
+    transformers = capabilities.transformers_capabilities()
+    assert transformers.supports_embeddings and not vllm_caps().supports_embeddings
+    vllm_only = worker("workers/a-vllm", vllm_caps(), free=22 * GIB, loaded=["models/llama-3-2-1b"])
+    auto = worker("workers/b-auto", vllm_caps(), free=10 * GIB)
+    auto.engines.extend([vllm_caps(), transformers])
+
+    matches, _ = rank(llm(), [vllm_only, auto], INFERENCE)
+    assert [w.name for w, _ in matches] == ["workers/a-vllm", "workers/b-auto"]
+    assert matches[1][1].engine == "vllm"
+
+    matches, rejected = rank(llm(), [vllm_only, auto], INFERENCE, embeddings=True)
+    assert [w.name for w, _ in matches] == ["workers/b-auto"]
+    assert matches[0][0] == auto  # the registered worker, not the view the rules saw
+    assert matches[0][1].engine == "transformers" and matches[0][1].verdict != INCOMPATIBLE
+    assert [w.name for w, _ in rejected] == ["workers/a-vllm"]
+    assert failures(rejected[0][1]) == ["embeddings"]  # vLLM itself could run it
+    assert result(rejected[0][1], "embeddings").message == (
+        "no engine of this worker (vllm) computes embeddings; "
+        "Embed needs a worker with the transformers engine"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Acceptance: a fleet described by its real capabilities
 

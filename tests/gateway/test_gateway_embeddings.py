@@ -1,8 +1,9 @@
 """Embeddings end to end: the `Embed` RPC, `modelyard embed` and `/v1/embeddings` with OpenAI's client.
 
 A catalog, an inference worker on the transformers engine (mean-pooled last hidden
-states) and the gateway. vLLM's refusal (`EMBEDDINGS_UNSUPPORTED`) is checked in
-`test_gateway_openai.py`, which runs a vLLM worker.
+states) and the gateway. A model that vLLM serves is embedded in
+`test_gateway_embeddings_routing.py`; with only a vLLM worker, `test_gateway_openai.py`
+checks that routing refuses (503 `no_compatible_worker`).
 """
 
 from __future__ import annotations

@@ -252,8 +252,9 @@ def test_a_second_concurrent_stream_is_429_and_a_cancel_frees_the_slot(suite: Su
     assert reply.choices[0].message.content is not None
 
 
-def test_embeddings_on_a_vllm_worker_are_400_unsupported(suite: Suite) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
+def test_embeddings_with_only_a_vllm_worker_are_503_no_compatible_worker(suite: Suite) -> None:
+    # Routing knows that this vLLM-only worker cannot embed: it is never asked.
+    with pytest.raises(openai.InternalServerError) as caught:
         suite.client.embeddings.create(model="llama", input="hello")
-    assert caught.value.code == "embeddings_unsupported"
-    assert "transformers" in caught.value.message
+    assert caught.value.status_code == 503 and caught.value.code == "no_compatible_worker"
+    assert "computes embeddings" in caught.value.message and "transformers" in caught.value.message

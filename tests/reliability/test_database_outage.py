@@ -22,6 +22,9 @@ from tests.reliability.faults import private_postgres, serve, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
+SERVICE = "modelyard.catalog.v1.CatalogService"
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 def test_database_outage_gives_unavailable_then_the_catalog_recovers_by_itself(tmp_path: Path) -> None:
     with private_postgres() as postgres:
@@ -51,12 +54,24 @@ def test_database_outage_gives_unavailable_then_the_catalog_recovers_by_itself(t
                     assert down.value.code == grpc.StatusCode.UNAVAILABLE, (rpc, down.value)
                     assert down.value.reason == "DATABASE_UNAVAILABLE", (rpc, down.value)
                 assert time.monotonic() - started < 30, "an outage must fail calls fast, not hang them"
-                # The process stays up (restarting it would not bring the database back).
+                # The process stays up (restarting it would not bring the database back):
+                # the server's health stays SERVING, the catalog service's turns NOT_SERVING
+                # (readiness: send no traffic here) until the database answers again.
                 assert catalog.proc.poll() is None
+                wait_until(
+                    lambda: health_status(catalog.address, SERVICE) == NOT_SERVING,
+                    15,
+                    "the catalog service to turn NOT_SERVING",
+                )
                 assert health_status(catalog.address) == health_pb2.HealthCheckResponse.SERVING
 
                 postgres.start()
                 wait_until(lambda: client.get_model("before"), 30, "the catalog to answer again")
+                wait_until(
+                    lambda: health_status(catalog.address, SERVICE) == health_pb2.HealthCheckResponse.SERVING,
+                    15,
+                    "the catalog service to turn SERVING again",
+                )
                 client.create_model("after", model_pb2.Model(display_name="after"))
                 names = {m.name for m in client.list_models()}
                 assert names == {"models/before", "models/after"}

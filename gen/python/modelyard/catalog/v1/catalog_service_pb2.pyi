@@ -1092,19 +1092,25 @@ class FindWorkersRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, `models/{model}`."""
     role: _worker_pb2.WorkerRole.ValueType
     """Role the worker must have; any role when unspecified."""
+    embeddings: _builtins.bool
+    """Only workers that can embed the model (`Embed`): each worker is judged by
+    its engines that compute embeddings, and one without any is rejected.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         role: _worker_pb2.WorkerRole.ValueType = ...,
+        embeddings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

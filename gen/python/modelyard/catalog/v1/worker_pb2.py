@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from modelyard.catalog.v1 import model_pb2 as modelyard_dot_catalog_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelyard/catalog/v1/worker.proto\x12\x14modelyard.catalog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a modelyard/catalog/v1/model.proto\"\x85\x05\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12.\n\x04role\x18\x04 \x01(\x0e\x32 .modelyard.catalog.v1.WorkerRole\x12>\n\x0c\x63\x61pabilities\x18\x05 \x01(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x12,\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x1c.modelyard.catalog.v1.Device\x12\x38\n\rloaded_models\x18\x07 \x03(\x0b\x32!.modelyard.catalog.v1.LoadedModel\x12.\n\x04load\x18\x08 \x01(\x0b\x32 .modelyard.catalog.v1.WorkerLoad\x12\x30\n\x05state\x18\t \x01(\x0e\x32!.modelyard.catalog.v1.WorkerState\x12\x37\n\x13last_heartbeat_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x06labels\x18\x0c \x03(\x0b\x32(.modelyard.catalog.v1.Worker.LabelsEntry\x12\x39\n\x07\x65ngines\x18\r \x03(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x04\n\x12WorkerCapabilities\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12.\n\x05kinds\x18\x03 \x03(\x0e\x32\x1f.modelyard.catalog.v1.ModelKind\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12:\n\x0eweight_formats\x18\x05 \x03(\x0e\x32\".modelyard.catalog.v1.WeightFormat\x12\x15\n\rquantizations\x18\x06 \x03(\t\x12\x1f\n\x12max_context_length\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rsupports_lora\x18\x08 \x01(\x08\x12\x1a\n\rmax_lora_rank\x18\t \x01(\x05H\x01\x88\x01\x01\x12?\n\x11image_base_models\x18\n \x03(\x0e\x32$.modelyard.catalog.v1.ImageBaseModel\x12\x1a\n\x12\x61llows_remote_code\x18\x0b \x01(\x08\x12\x18\n\x10training_methods\x18\x0c \x03(\t\x12\x1c\n\x14\x61ttention_head_sizes\x18\r \x03(\x05\x12\x0e\n\x06\x64types\x18\x0e \x03(\t\x12\x1b\n\x0ekv_cache_bytes\x18\x0f \x01(\x03H\x02\x88\x01\x01\x42\x15\n\x13_max_context_lengthB\x10\n\x0e_max_lora_rankB\x11\n\x0f_kv_cache_bytes\"\xa0\x02\n\rEngineOutcome\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x35\n\x0b\x64\x65vice_type\x18\x03 \x01(\x0e\x32 .modelyard.catalog.v1.DeviceType\x12\x11\n\tsupported\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x37\n\x05stage\x18\x06 \x01(\x0e\x32(.modelyard.catalog.v1.EngineOutcomeStage\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nmodel_etag\x18\x08 \x01(\t\x12/\n\x0breport_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x06\x44\x65vice\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .modelyard.catalog.v1.DeviceType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x03\".\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\"-\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\"_\n\nRuleResult\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.modelyard.catalog.v1.RuleOutcome\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa9\x02\n\x13\x43ompatibilityReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12.\n\x07verdict\x18\x04 \x01(\x0e\x32\x1d.modelyard.catalog.v1.Verdict\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .modelyard.catalog.v1.RuleResult\x12#\n\x16\x65stimated_memory_bytes\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12@\n\rother_engines\x18\x07 \x03(\x0b\x32).modelyard.catalog.v1.CompatibilityReportB\x19\n\x17_estimated_memory_bytes\"\xaa\x01\n\nEngineSpec\x12.\n\x04role\x18\x01 \x01(\x0e\x32 .modelyard.catalog.v1.WorkerRole\x12>\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x12,\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x1c.modelyard.catalog.v1.Device*^\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_ROLE_INFERENCE\x10\x01\x12\x18\n\x14WORKER_ROLE_TRAINING\x10\x02*~\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03*\xa0\x01\n\x12\x45ngineOutcomeStage\x12$\n ENGINE_OUTCOME_STAGE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45NGINE_OUTCOME_STAGE_DRY_RUN\x10\x01\x12\x1d\n\x19\x45NGINE_OUTCOME_STAGE_LOAD\x10\x02\x12#\n\x1f\x45NGINE_OUTCOME_STAGE_FIRST_STEP\x10\x03*\x7f\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_TYPE_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_TYPE_CUDA\x10\x02\x12\x14\n\x10\x44\x45VICE_TYPE_ROCM\x10\x03\x12\x13\n\x0f\x44\x45VICE_TYPE_MPS\x10\x04*\x87\x01\n\x0bRuleOutcome\x12\x1c\n\x18RULE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_OUTCOME_PASS\x10\x01\x12\x15\n\x11RULE_OUTCOME_WARN\x10\x02\x12\x15\n\x11RULE_OUTCOME_FAIL\x10\x03\x12\x15\n\x11RULE_OUTCOME_SKIP\x10\x04*z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12VERDICT_COMPATIBLE\x10\x01\x12$\n VERDICT_COMPATIBLE_WITH_WARNINGS\x10\x02\x12\x18\n\x14VERDICT_INCOMPATIBLE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelyard/catalog/v1/worker.proto\x12\x14modelyard.catalog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a modelyard/catalog/v1/model.proto\"\x85\x05\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12.\n\x04role\x18\x04 \x01(\x0e\x32 .modelyard.catalog.v1.WorkerRole\x12>\n\x0c\x63\x61pabilities\x18\x05 \x01(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x12,\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x1c.modelyard.catalog.v1.Device\x12\x38\n\rloaded_models\x18\x07 \x03(\x0b\x32!.modelyard.catalog.v1.LoadedModel\x12.\n\x04load\x18\x08 \x01(\x0b\x32 .modelyard.catalog.v1.WorkerLoad\x12\x30\n\x05state\x18\t \x01(\x0e\x32!.modelyard.catalog.v1.WorkerState\x12\x37\n\x13last_heartbeat_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x06labels\x18\x0c \x03(\x0b\x32(.modelyard.catalog.v1.Worker.LabelsEntry\x12\x39\n\x07\x65ngines\x18\r \x03(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x04\n\x12WorkerCapabilities\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12.\n\x05kinds\x18\x03 \x03(\x0e\x32\x1f.modelyard.catalog.v1.ModelKind\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12:\n\x0eweight_formats\x18\x05 \x03(\x0e\x32\".modelyard.catalog.v1.WeightFormat\x12\x15\n\rquantizations\x18\x06 \x03(\t\x12\x1f\n\x12max_context_length\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rsupports_lora\x18\x08 \x01(\x08\x12\x1a\n\rmax_lora_rank\x18\t \x01(\x05H\x01\x88\x01\x01\x12?\n\x11image_base_models\x18\n \x03(\x0e\x32$.modelyard.catalog.v1.ImageBaseModel\x12\x1a\n\x12\x61llows_remote_code\x18\x0b \x01(\x08\x12\x18\n\x10training_methods\x18\x0c \x03(\t\x12\x1c\n\x14\x61ttention_head_sizes\x18\r \x03(\x05\x12\x0e\n\x06\x64types\x18\x0e \x03(\t\x12\x1b\n\x0ekv_cache_bytes\x18\x0f \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x13supports_embeddings\x18\x10 \x01(\x08\x42\x15\n\x13_max_context_lengthB\x10\n\x0e_max_lora_rankB\x11\n\x0f_kv_cache_bytes\"\xa0\x02\n\rEngineOutcome\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x35\n\x0b\x64\x65vice_type\x18\x03 \x01(\x0e\x32 .modelyard.catalog.v1.DeviceType\x12\x11\n\tsupported\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x37\n\x05stage\x18\x06 \x01(\x0e\x32(.modelyard.catalog.v1.EngineOutcomeStage\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nmodel_etag\x18\x08 \x01(\t\x12/\n\x0breport_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x06\x44\x65vice\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .modelyard.catalog.v1.DeviceType\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x03\".\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\"-\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\"_\n\nRuleResult\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.modelyard.catalog.v1.RuleOutcome\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa9\x02\n\x13\x43ompatibilityReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12.\n\x07verdict\x18\x04 \x01(\x0e\x32\x1d.modelyard.catalog.v1.Verdict\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .modelyard.catalog.v1.RuleResult\x12#\n\x16\x65stimated_memory_bytes\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12@\n\rother_engines\x18\x07 \x03(\x0b\x32).modelyard.catalog.v1.CompatibilityReportB\x19\n\x17_estimated_memory_bytes\"\xaa\x01\n\nEngineSpec\x12.\n\x04role\x18\x01 \x01(\x0e\x32 .modelyard.catalog.v1.WorkerRole\x12>\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32(.modelyard.catalog.v1.WorkerCapabilities\x12,\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x1c.modelyard.catalog.v1.Device*^\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_ROLE_INFERENCE\x10\x01\x12\x18\n\x14WORKER_ROLE_TRAINING\x10\x02*~\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03*\xa0\x01\n\x12\x45ngineOutcomeStage\x12$\n ENGINE_OUTCOME_STAGE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45NGINE_OUTCOME_STAGE_DRY_RUN\x10\x01\x12\x1d\n\x19\x45NGINE_OUTCOME_STAGE_LOAD\x10\x02\x12#\n\x1f\x45NGINE_OUTCOME_STAGE_FIRST_STEP\x10\x03*\x7f\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_TYPE_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_TYPE_CUDA\x10\x02\x12\x14\n\x10\x44\x45VICE_TYPE_ROCM\x10\x03\x12\x13\n\x0f\x44\x45VICE_TYPE_MPS\x10\x04*\x87\x01\n\x0bRuleOutcome\x12\x1c\n\x18RULE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_OUTCOME_PASS\x10\x01\x12\x15\n\x11RULE_OUTCOME_WARN\x10\x02\x12\x15\n\x11RULE_OUTCOME_FAIL\x10\x03\x12\x15\n\x11RULE_OUTCOME_SKIP\x10\x04*z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12VERDICT_COMPATIBLE\x10\x01\x12$\n VERDICT_COMPATIBLE_WITH_WARNINGS\x10\x02\x12\x18\n\x14VERDICT_INCOMPATIBLE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKER_LABELSENTRY']._loaded_options = None
   _globals['_WORKER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=2422
-  _globals['_WORKERROLE']._serialized_end=2516
-  _globals['_WORKERSTATE']._serialized_start=2518
-  _globals['_WORKERSTATE']._serialized_end=2644
-  _globals['_ENGINEOUTCOMESTAGE']._serialized_start=2647
-  _globals['_ENGINEOUTCOMESTAGE']._serialized_end=2807
-  _globals['_DEVICETYPE']._serialized_start=2809
-  _globals['_DEVICETYPE']._serialized_end=2936
-  _globals['_RULEOUTCOME']._serialized_start=2939
-  _globals['_RULEOUTCOME']._serialized_end=3074
-  _globals['_VERDICT']._serialized_start=3076
-  _globals['_VERDICT']._serialized_end=3198
+  _globals['_WORKERROLE']._serialized_start=2451
+  _globals['_WORKERROLE']._serialized_end=2545
+  _globals['_WORKERSTATE']._serialized_start=2547
+  _globals['_WORKERSTATE']._serialized_end=2673
+  _globals['_ENGINEOUTCOMESTAGE']._serialized_start=2676
+  _globals['_ENGINEOUTCOMESTAGE']._serialized_end=2836
+  _globals['_DEVICETYPE']._serialized_start=2838
+  _globals['_DEVICETYPE']._serialized_end=2965
+  _globals['_RULEOUTCOME']._serialized_start=2968
+  _globals['_RULEOUTCOME']._serialized_end=3103
+  _globals['_VERDICT']._serialized_start=3105
+  _globals['_VERDICT']._serialized_end=3227
   _globals['_WORKER']._serialized_start=127
   _globals['_WORKER']._serialized_end=772
   _globals['_WORKER_LABELSENTRY']._serialized_start=727
   _globals['_WORKER_LABELSENTRY']._serialized_end=772
   _globals['_WORKERCAPABILITIES']._serialized_start=775
-  _globals['_WORKERCAPABILITIES']._serialized_end=1327
-  _globals['_ENGINEOUTCOME']._serialized_start=1330
-  _globals['_ENGINEOUTCOME']._serialized_end=1618
-  _globals['_DEVICE']._serialized_start=1621
-  _globals['_DEVICE']._serialized_end=1755
-  _globals['_LOADEDMODEL']._serialized_start=1757
-  _globals['_LOADEDMODEL']._serialized_end=1803
-  _globals['_WORKERLOAD']._serialized_start=1805
-  _globals['_WORKERLOAD']._serialized_end=1850
-  _globals['_RULERESULT']._serialized_start=1852
-  _globals['_RULERESULT']._serialized_end=1947
-  _globals['_COMPATIBILITYREPORT']._serialized_start=1950
-  _globals['_COMPATIBILITYREPORT']._serialized_end=2247
-  _globals['_ENGINESPEC']._serialized_start=2250
-  _globals['_ENGINESPEC']._serialized_end=2420
+  _globals['_WORKERCAPABILITIES']._serialized_end=1356
+  _globals['_ENGINEOUTCOME']._serialized_start=1359
+  _globals['_ENGINEOUTCOME']._serialized_end=1647
+  _globals['_DEVICE']._serialized_start=1650
+  _globals['_DEVICE']._serialized_end=1784
+  _globals['_LOADEDMODEL']._serialized_start=1786
+  _globals['_LOADEDMODEL']._serialized_end=1832
+  _globals['_WORKERLOAD']._serialized_start=1834
+  _globals['_WORKERLOAD']._serialized_end=1879
+  _globals['_RULERESULT']._serialized_start=1881
+  _globals['_RULERESULT']._serialized_end=1976
+  _globals['_COMPATIBILITYREPORT']._serialized_start=1979
+  _globals['_COMPATIBILITYREPORT']._serialized_end=2276
+  _globals['_ENGINESPEC']._serialized_start=2279
+  _globals['_ENGINESPEC']._serialized_end=2449
 # @@protoc_insertion_point(module_scope)

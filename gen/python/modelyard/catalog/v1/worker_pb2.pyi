@@ -327,6 +327,7 @@ class WorkerCapabilities(_message.Message):
     ATTENTION_HEAD_SIZES_FIELD_NUMBER: _builtins.int
     DTYPES_FIELD_NUMBER: _builtins.int
     KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Engine name: `vllm`, `transformers`, `peft`, `diffusers`, `llama-cpp`."""
     engine_version: _builtins.str
@@ -341,6 +342,8 @@ class WorkerCapabilities(_message.Message):
     """Whether the worker allows models that need `trust_remote_code`."""
     kv_cache_bytes: _builtins.int
     """KV cache memory each loaded model gets, in bytes, when the worker fixes it."""
+    supports_embeddings: _builtins.bool
+    """Whether the engine computes embeddings (the inference service's `Embed`)."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_model_pb2.ModelKind.ValueType]:
         """Kinds of models the engine runs."""
@@ -395,10 +398,11 @@ class WorkerCapabilities(_message.Message):
         attention_head_sizes: _abc.Iterable[_builtins.int] | None = ...,
         dtypes: _abc.Iterable[_builtins.str] | None = ...,
         kv_cache_bytes: _builtins.int | None = ...,
+        supports_embeddings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes", "_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "kv_cache_bytes", b"kv_cache_bytes", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes", "_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "allows_remote_code", b"allows_remote_code", "architectures", b"architectures", "attention_head_sizes", b"attention_head_sizes", "dtypes", b"dtypes", "engine", b"engine", "engine_version", b"engine_version", "image_base_models", b"image_base_models", "kinds", b"kinds", "kv_cache_bytes", b"kv_cache_bytes", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank", "quantizations", b"quantizations", "supports_lora", b"supports_lora", "training_methods", b"training_methods", "weight_formats", b"weight_formats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes", "_max_context_length", b"_max_context_length", "_max_lora_rank", b"_max_lora_rank", "allows_remote_code", b"allows_remote_code", "architectures", b"architectures", "attention_head_sizes", b"attention_head_sizes", "dtypes", b"dtypes", "engine", b"engine", "engine_version", b"engine_version", "image_base_models", b"image_base_models", "kinds", b"kinds", "kv_cache_bytes", b"kv_cache_bytes", "max_context_length", b"max_context_length", "max_lora_rank", b"max_lora_rank", "quantizations", b"quantizations", "supports_embeddings", b"supports_embeddings", "supports_lora", b"supports_lora", "training_methods", b"training_methods", "weight_formats", b"weight_formats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__kv_cache_bytes: _TypeAlias = _typing.Literal["kv_cache_bytes"]  # noqa: Y015
     _WhichOneofArgType__kv_cache_bytes: _TypeAlias = _typing.Literal["_kv_cache_bytes", b"_kv_cache_bytes"]  # noqa: Y015

@@ -125,8 +125,10 @@ class InferenceServiceServicer:
 
     def Embed(self, request, context):
         """Embeds texts with a text model: one vector per input, the mean of the
-        model's last hidden states over the input's tokens. Engines that cannot
-        (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+        model's last hidden states over the input's tokens. A model whose engine
+        cannot embed (vLLM) is embedded by one of the worker's engines that can
+        (transformers); a worker with none answers UNIMPLEMENTED
+        `EMBEDDINGS_UNSUPPORTED`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,8 +46,10 @@ class InferenceServiceStub:
     """Answers a conversation, streaming content deltas as produced."""
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]
     """Embeds texts with a text model: one vector per input, the mean of the
-    model's last hidden states over the input's tokens. Engines that cannot
-    (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+    model's last hidden states over the input's tokens. A model whose engine
+    cannot embed (vLLM) is embedded by one of the worker's engines that can
+    (transformers); a worker with none answers UNIMPLEMENTED
+    `EMBEDDINGS_UNSUPPORTED`.
     """
     GenerateImage: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]
     """Generates one image from a prompt with an image model (diffusers engine),
@@ -80,8 +82,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Answers a conversation, streaming content deltas as produced."""
     Embed: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embeds texts with a text model: one vector per input, the mean of the
-    model's last hidden states over the input's tokens. Engines that cannot
-    (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+    model's last hidden states over the input's tokens. A model whose engine
+    cannot embed (vLLM) is embedded by one of the worker's engines that can
+    (transformers); a worker with none answers UNIMPLEMENTED
+    `EMBEDDINGS_UNSUPPORTED`.
     """
     GenerateImage: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GenerateImageRequest, _inference_service_pb2.GenerateImageResponse]  # type: ignore[assignment]
     """Generates one image from a prompt with an image model (diffusers engine),
@@ -141,8 +145,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.EmbedResponse, _abc.Awaitable[_inference_service_pb2.EmbedResponse]]:
         """Embeds texts with a text model: one vector per input, the mean of the
-        model's last hidden states over the input's tokens. Engines that cannot
-        (vLLM here) answer UNIMPLEMENTED `EMBEDDINGS_UNSUPPORTED`.
+        model's last hidden states over the input's tokens. A model whose engine
+        cannot embed (vLLM) is embedded by one of the worker's engines that can
+        (transformers); a worker with none answers UNIMPLEMENTED
+        `EMBEDDINGS_UNSUPPORTED`.
         """
 
     @_abc_1.abstractmethod
