@@ -257,7 +257,7 @@ class VllmEngine(Engine):
             config = self._engine_args().create_engine_config()
         except Exception as exc:
             raise ModelUnsupported(self.name, "dry_run", _first_line(exc)) from exc
-        problems = attention_problems(config)
+        problems = attention_problems(config) + known_limitations(config)
         if problems:
             raise ModelUnsupported(self.name, "dry_run", "; ".join(problems))
 
@@ -269,6 +269,7 @@ class VllmEngine(Engine):
             return
         from vllm.model_executor.models import ModelRegistry
         from vllm.model_executor.models.interfaces import supports_lora
+        from vllm.triton_utils import HAS_TRITON
 
         args = self._engine_args()
         args.enable_lora = False
@@ -276,6 +277,13 @@ class VllmEngine(Engine):
         model_class, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
         if not supports_lora(model_class):
             logger.info("%s does not support LoRA in vLLM: serving it without adapters", model_class.__name__)
+            self._enable_lora = False
+        elif model_config.is_moe and not HAS_TRITON:
+            # vLLM's LoRA wrapper of MoE layers runs Triton kernels, whatever the platform
+            # (on a CPU without Triton's CPU backend the first step dies): no adapters then.
+            logger.info(
+                "%s: vLLM's LoRA MoE kernels need Triton: serving it without adapters", model_class.__name__
+            )
             self._enable_lora = False
 
     def _build(self) -> tuple[Tokenizer, AsyncLLM]:
@@ -588,6 +596,38 @@ def attention_problems(config: Any) -> list[str]:
         problems.append(f"{name} attention does not support head size {head_size} (supported: {sizes})")
     if not backend.supports_dtype(dtype):
         problems.append(f"{name} attention does not support {str(dtype).removeprefix('torch.')}")
+    return problems
+
+
+def known_limitations(config: Any) -> list[str]:
+    """Limits of vLLM 0.32 that its configuration accepts but its load or first step then
+    refuses, found by the conformance matrix (docs/compatibility-matrix.md). Each names the
+    engine's own error; they are checked against vllm(-cpu) 0.32.0 only."""
+    from vllm import __version__
+    from vllm.platforms import current_platform
+
+    if not str(__version__).startswith("0.32."):
+        return []
+    hf = config.model_config.hf_text_config
+    problems = []
+    model_type = getattr(hf, "model_type", "")
+    if model_type == "falcon":
+        ffn = getattr(hf, "ffn_hidden_size", None)
+        hidden = getattr(hf, "hidden_size", 0)
+        if ffn is not None and ffn != 4 * hidden:
+            problems.append(
+                f"vLLM's Falcon assumes an MLP of 4 x hidden size ({4 * hidden}), this model has {ffn} "
+                "(its weights fail to load: 'exceeds dimension size')"
+            )
+    if current_platform.is_cpu():
+        for name in ("linear_key_head_dim", "linear_value_head_dim"):
+            size = getattr(hf, name, None)
+            if isinstance(size, int) and size % 32:
+                problems.append(
+                    f"vLLM's CPU gated delta-rule kernel needs {name} to be a multiple of 32, this model has "
+                    f"{size} (chunk_gated_delta_rule_cpu: expect head_dim to be multiples of 32)"
+                )
+                break
     return problems
 
 
