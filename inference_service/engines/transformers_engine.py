@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     import torch
 
 
+_NO_KV_CACHE = object()
+"""`Sequence.cache` of a model whose outputs carry no `past_key_values` (recurrent models)."""
+
+
 @dataclass(frozen=True)
 class _Adapter:
     name: str
@@ -180,12 +184,15 @@ class TransformersEngine(TokenLoopEngine):
         import torch
 
         model = self._model
-        if seq.cache is None:
-            input_ids = torch.tensor([state.prompt_ids], device=model.device)
+        if seq.cache is None or seq.cache is _NO_KV_CACHE:
+            # First step, or a model without a KV cache (Mamba, RWKV, ...): the whole sequence.
+            input_ids = torch.tensor([[*state.prompt_ids, *seq.token_ids]], device=model.device)
+            cache = None
         else:
             input_ids = torch.tensor([[seq.token_ids[-1]]], device=model.device)
-        out = model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
-        seq.cache = out.past_key_values
+            cache = seq.cache
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        seq.cache = getattr(out, "past_key_values", None) or _NO_KV_CACHE
         return out.logits[0, -1].float()
 
     @contextlib.contextmanager

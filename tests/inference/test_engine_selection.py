@@ -118,7 +118,7 @@ async def test_a_first_step_failure_is_answered_once_recorded_and_never_retried(
         with pytest.raises(errors.FailedPrecondition) as failed:
             await manager.load(HEAD16)
         assert failed.value.reason == "MODEL_UNSUPPORTED_BY_ENGINE"
-        assert "first step" in failed.value.message and "exited with code" in failed.value.message
+        assert "first step" in failed.value.message
         assert started["vllm"] == 1
 
         # Recorded: the catalog now refuses the pair, with the engine's words.
