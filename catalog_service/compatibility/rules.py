@@ -968,6 +968,8 @@ def rule_attention(ctx: Context) -> Finding:
     sizes = sorted(set(caps.attention_head_sizes))
     dtypes = [_dtype_key(d) for d in caps.dtypes]
     notes: list[str] = []
+    if sizes and not llm.HasField("head_dim") and not llm.HasField("num_attention_heads"):
+        return skipped("the model states no attention heads (a state-space model): no attention kernel runs")
     if sizes:
         if not llm.HasField("head_dim"):
             return warned(

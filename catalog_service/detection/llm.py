@@ -158,6 +158,16 @@ def config_value(config: Any | None, raw: dict[str, Any], standard: str, aliases
     return None
 
 
+def attention_free(config: Any | None) -> bool:
+    """True when transformers' config says no layer uses softmax attention (Mamba, Mamba-2:
+    every entry of `layer_types` is `linear_attention`); their `num_heads`/`head_dim` are the
+    state-space heads, which no attention kernel sees."""
+    layer_types = getattr(config, "layer_types", None) if config is not None else None
+    if not isinstance(layer_types, (list, tuple)) or not layer_types:
+        return False
+    return all(kind == "linear_attention" for kind in layer_types)
+
+
 def _head_dim(config: Any | None, raw: dict[str, Any], llm: model_pb2.LlmConfig) -> Any:
     """`head_dim` as config.json states it (Gemma, Qwen3 ...), else hidden size / heads."""
     stated = config_value(config, raw, "head_dim", ("attention_head_dim", "kv_channels"))
@@ -383,11 +393,12 @@ def detect_llm(folder: Path) -> model_pb2.LlmConfig:
     _set_int(llm, "vocab_size", config_value(config, raw, "vocab_size", VOCAB_KEYS))
     _set_int(llm, "num_layers", config_value(config, raw, "num_hidden_layers", LAYER_KEYS))
     _set_int(llm, "hidden_size", config_value(config, raw, "hidden_size", HIDDEN_KEYS))
-    _set_int(llm, "num_attention_heads", config_value(config, raw, "num_attention_heads", HEAD_KEYS))
-    _set_int(llm, "num_key_value_heads", config_value(config, raw, "num_key_value_heads", KV_HEAD_KEYS))
-    if not llm.HasField("num_key_value_heads") and raw.get("multi_query") is True:
-        llm.num_key_value_heads = 1  # Falcon-style multi-query attention: one shared KV head
-    _set_int(llm, "head_dim", _head_dim(config, raw, llm))
+    if not attention_free(config):
+        _set_int(llm, "num_attention_heads", config_value(config, raw, "num_attention_heads", HEAD_KEYS))
+        _set_int(llm, "num_key_value_heads", config_value(config, raw, "num_key_value_heads", KV_HEAD_KEYS))
+        if not llm.HasField("num_key_value_heads") and raw.get("multi_query") is True:
+            llm.num_key_value_heads = 1  # Falcon-style multi-query attention: one shared KV head
+        _set_int(llm, "head_dim", _head_dim(config, raw, llm))
     _set_int(llm, "sliding_window", config_value(config, raw, "sliding_window"))
 
     rope = _rope_scaling(config, raw)

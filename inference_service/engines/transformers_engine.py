@@ -108,6 +108,30 @@ class TransformersEngine(TokenLoopEngine):
             raise ModelUnsupported(
                 self.name, "dry_run", f"AutoModelForCausalLM has no class for model type {model_type!r}"
             )
+        self._build_on_meta(config)
+
+    def _build_on_meta(self, config: Any) -> None:
+        """The model loaded the way `start` loads it, but onto PyTorch's meta device (no
+        memory, no data): what its constructor or weight loading refuses is found first. In a
+        worker that also runs vLLM this matters: vLLM registers its own config classes for some
+        model types ("'KimiLinearConfig' object has no attribute 'num_local_experts'")."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            AutoModelForCausalLM.from_pretrained(
+                str(self._model_path),
+                config=config,
+                device_map="meta",
+                trust_remote_code=self._trust_remote_code,
+                local_files_only=True,
+            )
+        except Exception as exc:
+            if "meta" in str(exc).lower():
+                return  # only the meta device is refused: inconclusive, the load decides
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelUnsupported(
+                self.name, "dry_run", f"transformers cannot load it: {type(exc).__name__}: {message}"
+            ) from exc
 
     async def start(self) -> None:
         """Load the tokenizer and the model (on the engine's thread)."""

@@ -34,17 +34,21 @@ from inference_service.engines.base import (
     EngineRequest,
     FinishReason,
     ModelUnsupported,
-    StructuredOutputSpec,
     Tokenizer,
-    TokenLogprob,
     Usage,
     read_adapter_rank,
 )
-from inference_service.sampling import DEFAULT_MAX_TOKENS, SamplingSpec
+from inference_service.engines.vllm_checks import (
+    attention_problems,
+    construction_problems,
+    first_line,
+    known_limitations,
+    missing_kernels,
+)
+from inference_service.engines.vllm_requests import sampling_params, token_logprobs
 from server_kit.errors import (
     AlreadyExists,
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -198,7 +202,7 @@ class VllmEngine(Engine):
                 f"vLLM's EngineCore process failed on the model's first forward step and exited "
                 f"with code {codes[0]} (the worker's log has vLLM's traceback)"
             )
-        return True, _first_line(exc)
+        return True, first_line(exc)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -248,16 +252,19 @@ class VllmEngine(Engine):
 
     def dry_run(self) -> None:
         """vLLM's own verdict without loading weights: build its engine configuration for the
-        model (architecture, dtype, context, quantization, LoRA), then ask the attention backend
-        of this platform whether it accepts the model's head size and dtype (see
-        `attention_problems`)."""
+        model (architecture, dtype, context, quantization, LoRA), ask the attention backend of
+        this platform whether it accepts the model's head size and dtype, check the compiled
+        kernels its layers need, then build its model class on the meta device and feed it
+        the checkpoint's tensor names and shapes (see `vllm_checks`)."""
         _import_vllm()
         try:
             self._disable_lora_unless_supported()
             config = self._engine_args().create_engine_config()
         except Exception as exc:
-            raise ModelUnsupported(self.name, "dry_run", _first_line(exc)) from exc
-        problems = attention_problems(config) + known_limitations(config)
+            raise ModelUnsupported(self.name, "dry_run", first_line(exc)) from exc
+        problems = attention_problems(config) + known_limitations(config) + missing_kernels(config)
+        if not problems:
+            problems = construction_problems(config, self._model_path)
         if problems:
             raise ModelUnsupported(self.name, "dry_run", "; ".join(problems))
 
@@ -293,7 +300,7 @@ class VllmEngine(Engine):
             self._disable_lora_unless_supported()
         except Exception as exc:
             raise FailedPrecondition(
-                f"vLLM could not start {self._model_path}: {_first_line(exc)}",
+                f"vLLM could not start {self._model_path}: {first_line(exc)}",
                 reason="ENGINE_START_FAILED",
                 metadata={"engine": self.name, "model_path": str(self._model_path)},
             ) from exc
@@ -349,7 +356,7 @@ class VllmEngine(Engine):
         llm = self._require_llm()
         prompt_ids = self.checked_prompt_token_ids(request)
         lora_request = self._lora_request(request.adapter_id)
-        params = self._sampling_params(request.sampling, request.structured_output)
+        params = sampling_params(request.sampling, request.structured_output)
         request_id = request.request_id
         if request_id in self._active:
             raise AlreadyExists(f"request {request_id!r} is already running", reason="REQUEST_ID_IN_USE")
@@ -378,7 +385,9 @@ class VllmEngine(Engine):
                             text=completion.text,
                             token_ids=token_ids,
                             finish_reason=reason,
-                            logprobs=_logprobs(completion.logprobs, token_ids, request.sampling.logprobs),
+                            logprobs=token_logprobs(
+                                completion.logprobs, token_ids, request.sampling.logprobs
+                            ),
                         )
                     )
                 if output.finished:
@@ -420,39 +429,6 @@ class VllmEngine(Engine):
                 metadata={"engine": self.name},
             )
         return _FINISH_REASONS.get(text, FinishReason.STOP)
-
-    def _sampling_params(self, spec: SamplingSpec, structured: StructuredOutputSpec | None) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        kwargs: dict[str, Any] = {
-            "output_kind": RequestOutputKind.DELTA,
-            "max_tokens": spec.max_tokens if spec.max_tokens is not None else DEFAULT_MAX_TOKENS,
-        }
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "n",
-            "logprobs",
-            "ignore_eos",
-        ):
-            value = getattr(spec, name)
-            if value is not None:
-                kwargs[name] = value
-        if spec.top_k is not None:
-            kwargs["top_k"] = 0 if spec.top_k == -1 else spec.top_k  # vLLM: 0 (or -1) is "off"
-        if spec.stop:
-            kwargs["stop"] = list(spec.stop)
-        if spec.stop_token_ids:
-            kwargs["stop_token_ids"] = list(spec.stop_token_ids)
-        if structured is not None:
-            kwargs["structured_outputs"] = _structured_outputs_params(structured)
-        return SamplingParams(**kwargs)
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id``: its stream ends with `FinishReason.ABORT`."""
@@ -543,141 +519,8 @@ class VllmEngine(Engine):
         return list(self._adapters)
 
 
-def _first_line(exc: BaseException) -> str:
-    """An exception's message without vLLM's multi-line validation dumps."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] if len(text) < 2000 else text[:2000]
-
-
-def cpu_attention_backend() -> Any:
-    """The attention backend vLLM's CPU platform runs every non-MLA model with (its
-    `get_attn_backend_cls` returns CPU_ATTN whatever is asked), or None off the CPU."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return None
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    return AttentionBackendEnum.CPU_ATTN.get_class()
-
-
-def attention_problems(config: Any) -> list[str]:
-    """Why vLLM's attention cannot run the model of `config` (a `VllmConfig`) here, in the
-    backend's own terms; empty when it can (or the model has no standard attention).
-
-    On the CPU, vLLM picks CPU_ATTN without validating it, and its kernels then refuse
-    unsupported head sizes at the first forward step, killing the engine: ask the backend's
-    own `supports_head_size` / `supports_dtype` first. On GPUs the backend selector
-    validates the configuration itself and raises when no backend fits.
-    """
-    model_config = config.model_config
-    if getattr(model_config, "is_attention_free", False) or getattr(model_config, "use_mla", False):
-        return []
-    try:
-        head_size = int(model_config.get_head_size())
-    except Exception:  # a model without standard attention heads
-        return []
-    dtype = model_config.dtype
-    backend = cpu_attention_backend()
-    if backend is None:
-        from vllm.config import set_current_vllm_config
-        from vllm.v1.attention.selector import get_attn_backend
-
-        try:
-            with set_current_vllm_config(config):
-                get_attn_backend(head_size, dtype, config.cache_config.cache_dtype)
-        except Exception as exc:
-            return [f"no vLLM attention backend fits: {_first_line(exc)}"]
-        return []
-    name = backend.get_name()
-    problems = []
-    if not backend.supports_head_size(head_size):
-        sizes = ", ".join(str(n) for n in backend.get_supported_head_sizes())
-        problems.append(f"{name} attention does not support head size {head_size} (supported: {sizes})")
-    if not backend.supports_dtype(dtype):
-        problems.append(f"{name} attention does not support {str(dtype).removeprefix('torch.')}")
-    return problems
-
-
-def known_limitations(config: Any) -> list[str]:
-    """Limits of vLLM 0.32 that its configuration accepts but its load or first step then
-    refuses, found by the conformance matrix (docs/compatibility-matrix.md). Each names the
-    engine's own error; they are checked against vllm(-cpu) 0.32.0 only."""
-    from vllm import __version__
-    from vllm.platforms import current_platform
-
-    if not str(__version__).startswith("0.32."):
-        return []
-    hf = config.model_config.hf_text_config
-    problems = []
-    model_type = getattr(hf, "model_type", "")
-    if model_type == "falcon":
-        ffn = getattr(hf, "ffn_hidden_size", None)
-        hidden = getattr(hf, "hidden_size", 0)
-        if ffn is not None and ffn != 4 * hidden:
-            problems.append(
-                f"vLLM's Falcon assumes an MLP of 4 x hidden size ({4 * hidden}), this model has {ffn} "
-                "(its weights fail to load: 'exceeds dimension size')"
-            )
-    if current_platform.is_cpu():
-        for name in ("linear_key_head_dim", "linear_value_head_dim"):
-            size = getattr(hf, name, None)
-            if isinstance(size, int) and size % 32:
-                problems.append(
-                    f"vLLM's CPU gated delta-rule kernel needs {name} to be a multiple of 32, this model has "
-                    f"{size} (chunk_gated_delta_rule_cpu: expect head_dim to be multiples of 32)"
-                )
-                break
-    return problems
-
-
 def _import_vllm() -> None:
     import vllm.v1.engine.async_llm  # noqa: F401
-
-
-def _structured_outputs_params(spec: StructuredOutputSpec) -> Any:
-    from vllm.sampling_params import StructuredOutputsParams
-
-    kind = spec.kind()
-    if kind == "json_schema":
-        import json
-
-        try:
-            json.loads(spec.json_schema or "")
-        except ValueError as exc:
-            raise InvalidArgument(
-                f"json_schema is not valid JSON: {exc}",
-                reason="INVALID_STRUCTURED_OUTPUT",
-                violations=[FieldViolation("structured_output.json_schema", "must be a JSON document")],
-            ) from exc
-        return StructuredOutputsParams(json=spec.json_schema)
-    if kind == "regex":
-        return StructuredOutputsParams(regex=spec.regex)
-    if not spec.choice:
-        raise InvalidArgument(
-            "choice needs at least one string",
-            reason="INVALID_STRUCTURED_OUTPUT",
-            violations=[FieldViolation("structured_output.choice", "must not be empty")],
-        )
-    return StructuredOutputsParams(choice=list(spec.choice))
-
-
-def _logprobs(raw: Any, token_ids: tuple[int, ...], requested: int | None) -> tuple[TokenLogprob, ...]:
-    """Our `TokenLogprob` per generated token from vLLM's per-position dicts."""
-    if requested is None or not raw:
-        return ()
-    result = []
-    for token_id, position in zip(token_ids, raw, strict=False):
-        chosen = position.get(token_id)
-        if chosen is None:  # pragma: no cover - vLLM always includes the sampled token
-            continue
-        ranked = sorted(
-            ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= requested),
-            key=lambda item: item[1].rank,
-        )
-        top = tuple(TokenLogprob(tid, float(lp.logprob), lp.decoded_token or "") for tid, lp in ranked)
-        result.append(TokenLogprob(token_id, float(chosen.logprob), chosen.decoded_token or "", top))
-    return tuple(result)
 
 
 def _stats_recorder(latest: dict[int, Any]) -> Any:

@@ -96,8 +96,21 @@ def test_an_explicit_head_dim_is_what_counts() -> None:
 def test_an_unknown_head_size_warns_on_an_engine_with_limits() -> None:
     model = tiny("models/q")
     model.llm.ClearField("head_dim")
-    model.llm.ClearField("num_attention_heads")
     assert result(check(model, worker("workers/v", cpu_vllm())), "attention").outcome == WARN
+
+
+def test_a_state_space_model_has_no_head_size_for_an_attention_kernel(tmp_path: Path) -> None:
+    """Mamba-2's `num_heads`/`head_dim` (16 here) are state-space heads: detection does not
+    report them as attention heads, and vLLM's head-size limit does not refuse the model (the
+    conformance matrix found vLLM runs it)."""
+    from tinymodels.zoo import build_zoo_model, by_key
+
+    detected = detect(build_zoo_model(by_key("mamba2"), tmp_path / "mamba2")).config
+    assert isinstance(detected, model_pb2.LlmConfig)
+    assert not detected.HasField("head_dim") and not detected.HasField("num_attention_heads")
+    model = tiny("models/mamba2")
+    model.llm.CopyFrom(detected)
+    assert result(check(model, worker("workers/v", cpu_vllm())), "attention").outcome == SKIP
 
 
 def test_a_worker_with_two_engines_serves_what_vllm_refuses_on_transformers() -> None:

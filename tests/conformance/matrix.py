@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -299,26 +300,65 @@ def render(rows: Sequence[Row], versions: dict[str, str]) -> str:
         "| model | engine | rules | dry run | actual |",
         "|---|---|---|---|---|",
     ]
+    format_only = []
     for row in rows:
         for name in ENGINES:
             cell = row.cells[name]
             if cell.predicted_runs:
                 continue
+            if _refused_for_format_only(cell):
+                format_only.append(row.spec.key)
+                continue
             lines.append(
                 f"| {row.spec.key} | {name} | {_escape(cell.rules_reason) or cell.rules} | "
                 f"{_escape(cell.dry_run[:200]) or '—'} | {_escape(cell.actual[:200])} |"
             )
+    if format_only:
+        lines += [
+            "",
+            f"Not listed: {len(format_only)} models whose only refusal is their weight format "
+            "(safetensors on llama-cpp, which loads GGUF only; the real engine fails on them too).",
+        ]
     if false_no:
         lines += [
             "",
             "## False INCOMPATIBLE",
             "",
-            "Refused although the engine ran the model here; each is explained in "
-            "`docs/decisions.md` (compatibility).",
+            "Refused although the engine ran the model here, and why the catalog keeps refusing "
+            "(each such model is served by another engine of the default worker):",
             "",
         ]
-        lines += [f"- {r.spec.key} on {n}" for r, n in false_no]
+        lines += [f"- **{r.spec.key}** on {n}: {_why_refused_anyway(r.cells[n])}" for r, n in false_no]
     return "\n".join(lines) + "\n"
+
+
+def _refused_for_format_only(cell: Cell) -> bool:
+    """Refused by the weight-format rule alone, and the engine indeed failed."""
+    reasons = re.findall(r"(?:^|; )([a-z_]+): ", cell.rules_reason)
+    return (
+        bool(reasons)
+        and set(reasons) <= {"weight_format", "architecture"}
+        and "weight_format" in reasons
+        and not cell.runs
+    )
+
+
+def _why_refused_anyway(cell: Cell) -> str:
+    """The explanation of a false INCOMPATIBLE, by the rule or check that refused it."""
+    reason = cell.rules_reason
+    if reason.startswith("architecture:") and "vllm" in reason:
+        return (
+            "the architecture is not in vLLM's model registry; vLLM ran it through its generic "
+            "Transformers modeling backend, which is slower and not checked per model, so the "
+            "catalog counts only the registry and routes it to the transformers engine"
+        )
+    if "head size" in reason or "head size" in cell.dry_run:
+        return (
+            "vLLM's CPU attention backend does not list this head size "
+            "(`get_supported_head_sizes`), yet its kernel ran it here; the catalog follows the "
+            "backend's own list rather than a size that happens to work"
+        )
+    return f"refused by: {_escape(reason or cell.dry_run)[:200]}"
 
 
 def engine_versions() -> dict[str, str]:
@@ -359,12 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"run only --only's models and merge them into the saved results ({RESULTS.name})",
     )
     parser.add_argument("--out", type=Path, default=DOC, help=f"markdown file to write (default {DOC})")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the markdown from the saved results"
+    )
     args = parser.parse_args(argv)
+    results = args.out.with_suffix(".json")
+    if args.render:
+        args.out.write_text(render(load_results(results), engine_versions()), encoding="utf-8")
+        return 0
     keys = [k for k in args.only.split(",") if k] or (list(CI_KEYS) if args.ci else [])
     specs = all_models(keys)
     with tempfile.TemporaryDirectory(prefix="modelyard-matrix-") as tmp:
         rows = asyncio.run(run(specs, Path(tmp), checkpoint=args.out.with_suffix(".partial.json")))
-    results = args.out.with_suffix(".json")
     if args.update:
         fresh = {row.spec.key: row for row in rows}
         rows = [fresh.get(row.spec.key, row) for row in load_results(results)]
