@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -75,7 +76,12 @@ class Base(DeclarativeBase):
 
 
 class ModelRow(Base):
-    """A model entry: indexed columns for filtering plus the full `Model` proto as JSON."""
+    """A model entry: indexed columns for filtering plus the full `Model` proto, serialized.
+
+    `entry` holds the proto's binary form (`SerializeToString`): a read is a copy of
+    bytes and a parse of ~1 µs, not a JSON parse (~200 µs for a typical LLM entry).
+    Until migration 0003 the entry was JSON in a `data` column.
+    """
 
     __tablename__ = "models"
 
@@ -95,7 +101,7 @@ class ModelRow(Base):
     etag: Mapped[str] = mapped_column(String(64))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     update_time: Mapped[datetime] = mapped_column(UtcDateTime)
-    data: Mapped[str] = mapped_column(Text)
+    entry: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ModelTagRow(Base):

@@ -48,7 +48,11 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self, request: pb.ListModelsRequest, context: aio.ServicerContext
     ) -> pb.ListModelsResponse:
         models, token = await self.catalog.list_models(request.page_size, request.page_token, request.filter)
-        return pb.ListModelsResponse(models=models, next_page_token=token)
+        response = pb.ListModelsResponse(next_page_token=token)
+        add = response.models.add
+        for model in models:  # half the cost of `models=models` (upb copies twice there)
+            add().CopyFrom(model)
+        return response
 
     async def UpdateModel(
         self, request: pb.UpdateModelRequest, context: aio.ServicerContext

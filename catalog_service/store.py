@@ -1,15 +1,18 @@
 """The catalog store: models and workers, persisted with SQLAlchemy.
 
 `CatalogStore` takes and returns `modelyard.catalog.v1` protobuf messages; ORM
-rows never leave this module. Each row keeps the full proto as JSON (`data`)
-and copies the fields that filters, lineage and versioning need into indexed
-columns. Methods are synchronous (the servicer calls them through
-`asyncio.to_thread`) and raise `server_kit.errors` exceptions.
+rows never leave this module. A model row keeps the full proto serialized
+(`entry`), a worker row as JSON (`data`); both copy the fields that filters,
+lineage and versioning need into indexed columns. Methods are synchronous (the
+servicer calls them through `asyncio.to_thread`) and raise `server_kit.errors`
+exceptions.
 
-Reads are one indexed lookup. Parsing proto JSON costs far more than the
-lookup (~200 µs for a typical LLM entry), so parsed entries are kept per id
-together with the etag they were parsed at: every write sets a new etag, so a
-cached entry is only reused when the row is unchanged, across replicas too.
+Reads are one indexed lookup and a parse of the stored bytes (~1 µs for a
+typical LLM entry; JSON took ~200 µs): the cost of a read does not depend on
+how many entries the catalog holds or on which were read before, so models
+need no cache. A page of `ListModels` is one query in the usual case (see
+`list_models`). Workers, stored as JSON and read on every routing decision,
+are parsed through a cache bounded by bytes (`entry_cache.ParsedCache`).
 
 Workers: the state a worker reports (HEALTHY or DRAINING) is stored; whether
 it is UNAVAILABLE is derived at read time from its last heartbeat and the
@@ -30,10 +33,9 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -59,6 +61,7 @@ from sqlalchemy.orm import Session, aliased
 
 from catalog_service import db
 from catalog_service.db import ModelLabelRow, ModelRow, ModelTagRow, WorkerRow
+from catalog_service.entry_cache import DEFAULT_MAX_BYTES, ParsedCache
 from modelyard.catalog.v1 import model_pb2, worker_pb2
 from server_kit import filtering, paging
 from server_kit.errors import (
@@ -118,8 +121,15 @@ _CONFIG_KINDS = {
     "video": model_pb2.MODEL_KIND_VIDEO,
 }
 
-M = TypeVar("M", bound=Message)
 Clock = Callable[[], datetime]
+
+
+_GET_MODEL_SQL = "SELECT entry FROM models WHERE model_id = ?"
+_LIST_MODELS_SQL = (
+    "SELECT model_id, length(entry), CASE WHEN length(entry) <= ? THEN entry END "
+    "FROM models WHERE model_id > ? ORDER BY model_id LIMIT ?"
+)
+"""The unfiltered ListModels page on SQLite, as `CatalogStore._list_models_stmt` compiles."""
 
 
 def utc_now() -> datetime:
@@ -191,58 +201,11 @@ def worker_id_of(name: str) -> str:
     return name.removeprefix(WORKER_PREFIX)
 
 
-class _ParsedCache:
-    """Parsed protos per key, valid while their `check` string (etag or JSON) is unchanged."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def parse(self, message_type: type[M], key: str, check: str, data: str) -> M:
-        """The message stored as `data`, from the cache when `check` matches."""
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None and hit[0] == check:
-                self._entries.move_to_end(key)
-                return message_type.FromString(hit[1])
-        message = json_format.Parse(data, message_type(), ignore_unknown_fields=True)
-        self.put(key, check, message)
-        return message
-
-    def get(self, message_type: type[M], key: str, check: str) -> M | None:
-        """The cached message of `key` when it is at version `check`, else None."""
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None or hit[0] != check:
-                return None
-            self._entries.move_to_end(key)
-        return message_type.FromString(hit[1])
-
-    def put(self, key: str, check: str, message: Message) -> None:
-        """Remember `message` as the parsed form of `key` at `check` (write-through)."""
-        if self.maxsize <= 0:
-            return
-        serialized = message.SerializeToString()
-        with self._lock:
-            self._entries[key] = (check, serialized)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
-
-    def discard(self, keys: Iterable[str]) -> None:
-        """Forget `keys` (deleted rows)."""
-        with self._lock:
-            for key in keys:
-                self._entries.pop(key, None)
-
-
 class _SqliteLookups:
-    """Plain sqlite3 connections (one per thread) for the hottest read, GetModel.
+    """Plain sqlite3 connections (one per thread) for the hottest reads.
 
-    SQLAlchemy's connection handling costs ~100 us per lookup, more than the
-    indexed lookup itself; this reads `etag` first and `data` only when the
-    parsed cache does not already hold that version.
+    SQLAlchemy's connection handling and result rows cost ~100 µs per query, more
+    than the indexed lookup itself (GetModel: ~10 µs at a million entries).
     """
 
     def __init__(self, path: str) -> None:
@@ -261,10 +224,19 @@ class _SqliteLookups:
         try:
             row: tuple[Any, ...] | None = self._conn().execute(sql, params).fetchone()
         except sqlite3.Error as error:
-            raise Unavailable(
-                f"the catalog database cannot be read: {error}", reason="DATABASE_UNAVAILABLE"
-            ) from error
+            raise self._unavailable(error) from error
         return row
+
+    def all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Every row of `sql`; `Unavailable` when the database cannot be read."""
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as error:
+            raise self._unavailable(error) from error
+
+    @staticmethod
+    def _unavailable(error: sqlite3.Error) -> Unavailable:
+        return Unavailable(f"the catalog database cannot be read: {error}", reason="DATABASE_UNAVAILABLE")
 
 
 def _enum_value(enum_type: Any, prefix: str, field: str, text: str) -> str:
@@ -306,7 +278,8 @@ class CatalogStore:
     `WORKER_RETENTION_TTLS` TTLs).
     `clock`: returns the current timezone-aware time (tests pass a fake one).
     `auto_migrate`: upgrade the schema to the latest revision on construction.
-    `cache_size`: parsed entries kept in memory (0 disables the cache).
+    `worker_cache_bytes`: memory the parsed-worker cache may hold (0 disables it;
+    see `entry_cache` for what one entry costs).
     """
 
     def __init__(
@@ -317,7 +290,7 @@ class CatalogStore:
         worker_retention: float | None = None,
         clock: Clock | None = None,
         auto_migrate: bool = True,
-        cache_size: int = 10_000,
+        worker_cache_bytes: int = DEFAULT_MAX_BYTES,
         engine: Engine | None = None,
     ) -> None:
         self.engine = engine or db.make_engine(url)
@@ -331,15 +304,23 @@ class CatalogStore:
         # Reads run in autocommit: one round trip, no BEGIN/ROLLBACK around a lookup
         # (each statement sees a consistent snapshot on its own, on both databases).
         self._read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._cache = _ParsedCache(cache_size)
-        self._worker_cache = _ParsedCache(1024 if cache_size else 0)
-        self._get_model_stmt = select(ModelRow.etag, ModelRow.data).where(
-            ModelRow.model_id == bindparam("model_id")
+        self._worker_cache = ParsedCache(worker_cache_bytes)
+        self._get_model_stmt = select(ModelRow.entry).where(ModelRow.model_id == bindparam("model_id"))
+        size = func.length(ModelRow.entry)
+        self._list_models_stmt = (
+            select(
+                ModelRow.model_id,
+                size.label("size"),
+                case((size <= bindparam("inline"), ModelRow.entry), else_=None).label("entry"),
+            )
+            .where(ModelRow.model_id > bindparam("after"))
+            .order_by(ModelRow.model_id)
+            .limit(bindparam("limit"))
         )
         self._get_worker_stmt = select(WorkerRow.data).where(WorkerRow.worker_id == bindparam("worker_id"))
         database = self.engine.url.database or ""
         file_backed = self._sqlite and database not in ("", ":memory:")
-        self._lookups = _SqliteLookups(database) if file_backed and cache_size else None
+        self._lookups = _SqliteLookups(database) if file_backed else None
         if auto_migrate:
             db.migrate(self.engine)
 
@@ -368,13 +349,17 @@ class CatalogStore:
             with Session(bind=conn, expire_on_commit=False) as session, session.begin():
                 yield session
 
-    def _parse_model(self, model_id: str, etag: str, data: str) -> model_pb2.Model:
-        return self._cache.parse(model_pb2.Model, model_id, etag, data)
-
     def _parse_worker(self, worker_id: str, data: str, now: datetime) -> worker_pb2.Worker:
+        return self._derive_state(self._worker_entry(worker_id, data), now)
+
+    def _worker_entry(self, worker_id: str, data: str) -> worker_pb2.Worker:
         # Worker rows change with every heartbeat: the JSON itself is the cache check.
-        worker = self._worker_cache.parse(worker_pb2.Worker, worker_id, data, data)
-        return self._derive_state(worker, now)
+        return self._worker_cache.parse(
+            worker_pb2.Worker,
+            worker_id,
+            data,
+            lambda: json_format.Parse(data, worker_pb2.Worker(), ignore_unknown_fields=True),
+        )
 
     def _lock(self, statement: Any) -> Any:
         # SQLite's BEGIN IMMEDIATE already serializes writers.
@@ -412,13 +397,12 @@ class CatalogStore:
                     etag=entry.etag,
                     create_time=now,
                     update_time=now,
-                    data=_to_json(entry),
+                    entry=entry.SerializeToString(),
                     **columns,
                 )
                 session.add(row)
                 session.flush()
                 self._replace_tags_labels(session, row.id, entry, new=True)
-            self._cache.put(model_id, entry.etag, entry)
         except IntegrityError as error:
             if self._model_exists(model_id):
                 raise AlreadyExists(
@@ -439,17 +423,14 @@ class CatalogStore:
         """The model `models/{model_id}` (`model_id` may carry the `models/` prefix)."""
         model_id = model_id_of(model_id)
         if self._lookups is not None:
-            found = self._lookups.one("SELECT etag FROM models WHERE model_id = ?", (model_id,))
-            if found is None:
-                raise self._model_not_found(model_id)
-            cached = self._cache.get(model_pb2.Model, model_id, found[0])
-            if cached is not None:
-                return cached
-        with self._read() as conn:
-            row = conn.execute(self._get_model_stmt, {"model_id": model_id}).first()
-        if row is None:
+            found = self._lookups.one(_GET_MODEL_SQL, (model_id,))
+            entry = found[0] if found is not None else None
+        else:
+            with self._read() as conn:
+                entry = conn.execute(self._get_model_stmt, {"model_id": model_id}).scalar()
+        if entry is None:
             raise self._model_not_found(model_id)
-        return self._parse_model(model_id, row.etag, row.data)
+        return model_pb2.Model.FromString(entry)
 
     def list_models(
         self, page_size: int = 0, page_token: str = "", filter: str = ""
@@ -465,33 +446,38 @@ class CatalogStore:
         terms = filtering.parse_filter(filter, MODEL_FILTER_FIELDS)
         query = "models?" + filtering.canonical(terms)
         last = paging.decode_page_token(page_token, query, kinds=(str,))
-        conditions = [self._model_condition(term) for term in terms]
-        if last is not None:
-            conditions.append(ModelRow.model_id > str(last[0]))
-        # Sizes first, then the data of the entries that fit: a page is bounded by bytes
-        # as well as by count, and no more data than the page holds is read.
-        sizes = (
-            select(ModelRow.model_id, func.length(ModelRow.data).label("size"))
-            .where(and_(true(), *conditions))
-            .order_by(ModelRow.model_id)
-            .limit(size + 1)
-        )
-        with self._read() as conn:
-            listed = conn.execute(sizes).all()
-            count, more = paging.fit_page((int(r.size or 0) for r in listed), size)
-            ids = [r.model_id for r in listed[:count]]
-            rows = (
-                conn.execute(
-                    select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
-                    .where(ModelRow.model_id.in_(ids))
-                    .order_by(ModelRow.model_id)
-                ).all()
-                if ids
-                else []
-            )
-        models = [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
-        next_token = paging.encode_page_token([ids[-1]], query) if more and ids else ""
+        after = str(last[0]) if last is not None else ""
+        # One query: ids, sizes and the entries themselves, except those too large to
+        # be worth reading before the page is known to hold them (more than an even
+        # share of the page's byte budget); those are read in a second query.
+        inline = paging.MAX_PAGE_BYTES // (size + 1)
+        rows: Sequence[tuple[Any, ...]]
+        if not terms and self._lookups is not None:
+            rows = self._lookups.all(_LIST_MODELS_SQL, (inline, after, size + 1))
+        else:
+            conditions = [self._model_condition(term) for term in terms]
+            statement = self._list_models_stmt.where(and_(true(), *conditions))
+            with self._read() as conn:
+                rows = conn.execute(statement, {"inline": inline, "after": after, "limit": size + 1}).all()
+        count, more = paging.fit_page((int(size_ or 0) for _id, size_, _entry in rows), size)
+        page = rows[:count]
+        missing = [model_id for model_id, _size, entry in page if entry is None]
+        large = self._entries_of(missing) if missing else {}
+        models = [
+            model_pb2.Model.FromString(entry if entry is not None else large[model_id])
+            for model_id, _size, entry in page
+            if entry is not None or model_id in large  # deleted since the first query: skipped
+        ]
+        next_token = paging.encode_page_token([page[-1][0]], query) if more and page else ""
         return models, next_token
+
+    def _entries_of(self, model_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored entries of `model_ids` (the ones that exist), by id."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(ModelRow.model_id, ModelRow.entry).where(ModelRow.model_id.in_(model_ids))
+            ).all()
+        return {model_id: entry for model_id, entry in rows}
 
     def update_model(self, model: model_pb2.Model, paths: Sequence[str]) -> model_pb2.Model:
         """Apply the fields of `model` named by `paths` to the stored `model.name`.
@@ -506,7 +492,7 @@ class CatalogStore:
         with self._write() as session:
             row = self._locked_model(session, model_id)
             self._check_etag(row, model.etag)
-            entry = self._parse_model(model_id, row.etag, row.data)
+            entry = model_pb2.Model.FromString(row.entry)
             for path in paths:
                 if path.startswith("labels."):
                     key = path.removeprefix("labels.")
@@ -580,7 +566,6 @@ class CatalogStore:
                 session.execute(delete(ModelLabelRow).where(ModelLabelRow.model_pk.in_(pks)))
                 session.execute(delete(ModelRow).where(ModelRow.id.in_(pks)))
                 deleted.extend(MODEL_PREFIX + mid for _pk, mid in level)
-        self._cache.discard(model_id_of(name) for name in deleted)
         return deleted
 
     def get_lineage(self, model_id: str) -> tuple[list[model_pb2.Model], list[model_pb2.Model]]:
@@ -598,25 +583,23 @@ class CatalogStore:
             while parent_pk is not None and parent_pk not in seen:
                 seen.add(parent_pk)
                 row = conn.execute(
-                    select(ModelRow.parent_id, ModelRow.model_id, ModelRow.etag, ModelRow.data).where(
-                        ModelRow.id == parent_pk
-                    )
+                    select(ModelRow.parent_id, ModelRow.entry).where(ModelRow.id == parent_pk)
                 ).first()
                 if row is None:
                     break
-                ancestors.append(self._parse_model(row.model_id, row.etag, row.data))
+                ancestors.append(model_pb2.Model.FromString(row.entry))
                 parent_pk = row.parent_id
             descendants: list[model_pb2.Model] = []
             level = [start.id]
             while level:
                 rows = conn.execute(
-                    select(ModelRow.id, ModelRow.model_id, ModelRow.etag, ModelRow.data)
+                    select(ModelRow.id, ModelRow.entry)
                     .where(ModelRow.parent_id.in_(level))
                     .order_by(ModelRow.model_id)
                 ).all()
                 rows = [r for r in rows if r.id not in seen]
                 seen.update(r.id for r in rows)
-                descendants.extend(self._parse_model(r.model_id, r.etag, r.data) for r in rows)
+                descendants.extend(model_pb2.Model.FromString(r.entry) for r in rows)
                 level = [r.id for r in rows]
         return ancestors, descendants
 
@@ -635,12 +618,12 @@ class CatalogStore:
         if not source_key:
             return []
         with self._read() as conn:
-            rows = conn.execute(
-                select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+            entries = conn.execute(
+                select(ModelRow.entry)
                 .where(ModelRow.source_key == _source_column(source_key))
                 .order_by(ModelRow.version, ModelRow.model_id)
-            ).all()
-        return [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
+            ).scalars()
+            return [model_pb2.Model.FromString(entry) for entry in entries]
 
     def find_by_local_path(self, local_path: str) -> model_pb2.Model | None:
         """The entry whose files are at `local_path` (READY first, then the newest version), or None."""
@@ -660,14 +643,13 @@ class CatalogStore:
             (ModelRow.state == model_pb2.ModelState.Name(model_pb2.MODEL_STATE_READY), 0), else_=1
         )
         statement = (
-            select(ModelRow.model_id, ModelRow.etag, ModelRow.data)
+            select(ModelRow.entry)
             .where(condition)
             .order_by(ready_first, ModelRow.version.desc(), ModelRow.model_id)
             .limit(limit)
         )
         with self._read() as conn:
-            rows = conn.execute(statement).all()
-        return [self._parse_model(r.model_id, r.etag, r.data) for r in rows]
+            return [model_pb2.Model.FromString(entry) for entry in conn.execute(statement).scalars()]
 
     def fail_unfinished_imports(self, reason: str = "IMPORT_INTERRUPTED") -> list[str]:
         """Mark entries left IMPORTING/VALIDATING (by a crash) FAILED; returns their names."""
@@ -678,7 +660,7 @@ class CatalogStore:
                 self._lock(select(ModelRow).where(ModelRow.state.in_(names)).order_by(ModelRow.model_id))
             ).all()
             for row in rows:
-                entry = self._parse_model(row.model_id, row.etag, row.data)
+                entry = model_pb2.Model.FromString(row.entry)
                 entry.error.reason = reason
                 entry.error.message = (
                     f"the catalog stopped while this model was "
@@ -790,11 +772,9 @@ class CatalogStore:
         row.parent_id = parent_pk
         row.etag = entry.etag
         row.update_time = now
-        row.data = _to_json(entry)
+        row.entry = entry.SerializeToString()
         session.flush()
         self._replace_tags_labels(session, row.id, entry)
-        # Harmless if the transaction then fails: the stored etag will not match.
-        self._cache.put(row.model_id, entry.etag, entry)
 
     @staticmethod
     def _replace_tags_labels(session: Session, pk: int, entry: model_pb2.Model, *, new: bool = False) -> None:
@@ -1038,7 +1018,7 @@ class CatalogStore:
             ).first()
             if row is None:
                 raise self._worker_not_found(worker_id)
-            entry = self._worker_cache.parse(worker_pb2.Worker, worker_id, row.data, row.data)
+            entry = self._worker_entry(worker_id, row.data)
             if load is not None:
                 entry.load.CopyFrom(load)
             if free_memory_bytes is not None:
