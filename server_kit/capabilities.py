@@ -375,7 +375,7 @@ def peft_trainer_capabilities(
     cuda = _is_cuda(device)
     methods = ["lora", "full"]
     if _installed("trl"):
-        methods.append("dpo")
+        methods.extend(["dpo", "orpo", "kto", "reward", "grpo"])
     quantizations: list[str] = []
     if cuda and _installed("bitsandbytes"):
         methods.append("qlora")

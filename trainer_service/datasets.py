@@ -3,7 +3,7 @@
 A dataset is a local JSONL / JSON / Parquet file, a folder of such files (or a
 folder written by `datasets.Dataset.save_to_disk`), or the name of a
 Hugging Face `datasets` dataset already in the local datasets cache (never
-downloaded). Rows are plain dicts in one of four formats:
+downloaded). Rows are plain dicts in one of these formats:
 
 - text: `{"text": "..."}`
 - prompt/completion: `{"prompt": "...", "completion": "..."}` (strings, or
@@ -11,6 +11,13 @@ downloaded). Rows are plain dicts in one of four formats:
 - chat: `{"messages": [{"role": "user", "content": "..."}, ...]}`
 - preference: `{"prompt": ..., "chosen": ..., "rejected": ...}` (strings, or
   lists of chat messages)
+- Alpaca: `{"instruction": "...", "input": "...", "output": "..."}` (`input`
+  optional), trained as prompt/completion (`alpaca_prompt`)
+- ShareGPT: `{"conversations": [{"from": "human", "value": "..."}, ...]}`,
+  trained as chat (`from`: system, human/user, gpt/assistant, tool/function)
+- unpaired preference (KTO): `{"prompt": ..., "completion": ..., "label": true}`
+- prompt only (GRPO): `{"prompt": ...}`; other fields (e.g. `answer`) are
+  passed to the reward functions
 
 `check_rows` reports every problem by row (`RowIssue`) before any compute is
 spent: a row that is not an object, a missing field, a wrong type, an empty
@@ -41,6 +48,9 @@ from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgumen
 
 MAX_REPORTED_ISSUES = 100
 DEFAULT_MAX_SEQ_LENGTH = 512
+DEFAULT_EVAL_SPLIT = 0.1
+MAX_EVAL_ROWS = 1000
+"""The eval split is capped: a big dataset holds out at most this many rows."""
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -53,6 +63,10 @@ class DatasetFormat(StrEnum):
     PROMPT_COMPLETION = "PROMPT_COMPLETION"
     CHAT = "CHAT"
     PREFERENCE = "PREFERENCE"
+    ALPACA = "ALPACA"
+    SHAREGPT = "SHAREGPT"
+    UNPAIRED_PREFERENCE = "UNPAIRED_PREFERENCE"
+    PROMPT_ONLY = "PROMPT_ONLY"
 
 
 class Method(StrEnum):
@@ -62,15 +76,31 @@ class Method(StrEnum):
     QLORA = "QLORA"
     FULL = "FULL"
     DPO = "DPO"
+    ORPO = "ORPO"
+    KTO = "KTO"
+    REWARD = "REWARD"
+    GRPO = "GRPO"
 
 
-SFT_FORMATS = (DatasetFormat.TEXT, DatasetFormat.PROMPT_COMPLETION, DatasetFormat.CHAT)
+SFT_FORMATS = (
+    DatasetFormat.TEXT,
+    DatasetFormat.PROMPT_COMPLETION,
+    DatasetFormat.CHAT,
+    DatasetFormat.ALPACA,
+    DatasetFormat.SHAREGPT,
+)
+PREFERENCE_METHODS = (Method.DPO, Method.ORPO, Method.KTO, Method.REWARD)
+"""Methods trained on preferences: their evaluation reports a preference accuracy."""
 
 METHOD_FORMATS: dict[Method, tuple[DatasetFormat, ...]] = {
     Method.LORA: SFT_FORMATS,
     Method.QLORA: SFT_FORMATS,
     Method.FULL: SFT_FORMATS,
     Method.DPO: (DatasetFormat.PREFERENCE,),
+    Method.ORPO: (DatasetFormat.PREFERENCE,),
+    Method.KTO: (DatasetFormat.UNPAIRED_PREFERENCE, DatasetFormat.PREFERENCE),
+    Method.REWARD: (DatasetFormat.PREFERENCE,),
+    Method.GRPO: (DatasetFormat.PROMPT_ONLY,),
 }
 
 REQUIRED_FIELDS: dict[DatasetFormat, tuple[str, ...]] = {
@@ -78,7 +108,22 @@ REQUIRED_FIELDS: dict[DatasetFormat, tuple[str, ...]] = {
     DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
     DatasetFormat.CHAT: ("messages",),
     DatasetFormat.PREFERENCE: ("prompt", "chosen", "rejected"),
+    DatasetFormat.ALPACA: ("instruction", "output"),
+    DatasetFormat.SHAREGPT: ("conversations",),
+    DatasetFormat.UNPAIRED_PREFERENCE: ("prompt", "completion", "label"),
+    DatasetFormat.PROMPT_ONLY: ("prompt",),
 }
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+"""ShareGPT `from` values and the chat role each becomes."""
 
 
 @dataclass(frozen=True)
@@ -369,15 +414,22 @@ def detect_format(rows: Iterable[Any]) -> DatasetFormat:
         keys = set(row)
         if "messages" in keys:
             return DatasetFormat.CHAT
+        if "conversations" in keys:
+            return DatasetFormat.SHAREGPT
+        if "instruction" in keys and "output" in keys:
+            return DatasetFormat.ALPACA
         if "chosen" in keys and "rejected" in keys:
             return DatasetFormat.PREFERENCE
         if "prompt" in keys and "completion" in keys:
-            return DatasetFormat.PROMPT_COMPLETION
+            return DatasetFormat.UNPAIRED_PREFERENCE if "label" in keys else DatasetFormat.PROMPT_COMPLETION
         if "text" in keys:
             return DatasetFormat.TEXT
+        if "prompt" in keys:
+            return DatasetFormat.PROMPT_ONLY
     raise InvalidArgument(
         "cannot detect the dataset format: rows need `text`, `prompt`+`completion`, `messages`, "
-        "or `prompt`+`chosen`+`rejected`",
+        "`prompt`+`chosen`+`rejected`, `instruction`+`output` (Alpaca), `conversations` (ShareGPT), "
+        "`prompt`+`completion`+`label` (unpaired preference) or only `prompt`",
         reason="UNKNOWN_DATASET_FORMAT",
         violations=[FieldViolation("dataset.format", "not detectable from the rows; set it")],
     )
@@ -474,6 +526,8 @@ def _check_structure(issues: _IssueList, row: int, value: Any, fmt: DatasetForma
         return False
     if fmt == DatasetFormat.TEXT:
         return _check_text(issues, row, "text", value["text"])
+    if fmt in _EXTRA_CHECKS:
+        return _EXTRA_CHECKS[fmt](issues, row, value)
     if fmt == DatasetFormat.CHAT:
         return _check_messages(issues, row, "messages", value["messages"], need_assistant=True)
     if fmt == DatasetFormat.PROMPT_COMPLETION:
@@ -503,6 +557,125 @@ def _check_structure(issues: _IssueList, row: int, value: Any, fmt: DatasetForma
         issues.add(row, "rejected", "is the same as chosen; a preference pair needs two different answers")
         ok = False
     return ok
+
+
+def _check_alpaca(issues: _IssueList, row: int, value: dict[str, Any]) -> bool:
+    ok = _check_text(issues, row, "instruction", value["instruction"])
+    ok = _check_text(issues, row, "output", value["output"]) and ok
+    extra = value.get("input")
+    if extra is not None and not isinstance(extra, str):
+        issues.add(row, "input", f"must be a string, not {_type_name(extra)}")
+        ok = False
+    return ok
+
+
+def _check_sharegpt(issues: _IssueList, row: int, value: dict[str, Any]) -> bool:
+    turns = value["conversations"]
+    if not isinstance(turns, list):
+        issues.add(row, "conversations", f"must be a list of turns, not {_type_name(turns)}")
+        return False
+    if not turns:
+        issues.add(row, "conversations", "is empty")
+        return False
+    ok = True
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            issues.add(row, where, f"must be an object with from and value, not {_type_name(turn)}")
+            ok = False
+            continue
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            issues.add(row, f"{where}.from", f"must be one of {', '.join(SHAREGPT_ROLES)}, not {speaker!r}")
+            ok = False
+        text = turn.get("value")
+        if "value" not in turn:
+            issues.add(row, f"{where}.value", "is missing")
+            ok = False
+        elif not isinstance(text, str):
+            issues.add(row, f"{where}.value", f"must be a string, not {_type_name(text)}")
+            ok = False
+        elif not text.strip() and SHAREGPT_ROLES.get(str(speaker)) == "assistant":
+            issues.add(row, f"{where}.value", "is empty")
+            ok = False
+    if ok and not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
+        issues.add(row, "conversations", "has no gpt (assistant) turn to train on")
+        ok = False
+    return ok
+
+
+def _check_unpaired(issues: _IssueList, row: int, value: dict[str, Any]) -> bool:
+    if _is_messages(value["prompt"]) or _is_messages(value["completion"]):
+        ok = _check_messages(issues, row, "prompt", value["prompt"], need_assistant=False)
+        ok = (
+            _check_messages(
+                issues, row, "completion", value["completion"], need_assistant=True, only_assistant=True
+            )
+            and ok
+        )
+    else:
+        ok = _check_text(issues, row, "prompt", value["prompt"])
+        ok = _check_text(issues, row, "completion", value["completion"]) and ok
+    if not isinstance(value["label"], bool):
+        issues.add(row, "label", f"must be true (desirable) or false (undesirable), not {value['label']!r}")
+        ok = False
+    return ok
+
+
+def _check_prompt_only(issues: _IssueList, row: int, value: dict[str, Any]) -> bool:
+    prompt = value["prompt"]
+    if _is_messages(prompt):
+        if not _check_messages(issues, row, "prompt", prompt, need_assistant=False):
+            return False
+        if prompt[-1].get("role") == "assistant":
+            issues.add(
+                row, f"prompt[{len(prompt) - 1}].role", "the last prompt message must not be assistant"
+            )
+            return False
+        return True
+    return _check_text(issues, row, "prompt", prompt)
+
+
+_EXTRA_CHECKS = {
+    DatasetFormat.ALPACA: _check_alpaca,
+    DatasetFormat.SHAREGPT: _check_sharegpt,
+    DatasetFormat.UNPAIRED_PREFERENCE: _check_unpaired,
+    DatasetFormat.PROMPT_ONLY: _check_prompt_only,
+}
+
+
+def alpaca_prompt(row: dict[str, Any]) -> str:
+    """The prompt of an Alpaca row (the Alpaca template's sections; the output is the completion)."""
+    extra = row.get("input") or ""
+    prompt = f"### Instruction:\n{row['instruction']}\n\n"
+    if extra.strip():
+        prompt += f"### Input:\n{extra}\n\n"
+    return prompt + "### Response:\n"
+
+
+def standard_row(row: dict[str, Any], fmt: DatasetFormat) -> tuple[dict[str, Any], DatasetFormat]:
+    """An Alpaca row as prompt/completion, a ShareGPT row as chat; other rows as they are."""
+    if fmt == DatasetFormat.ALPACA:
+        return {"prompt": alpaca_prompt(row), "completion": row["output"]}, DatasetFormat.PROMPT_COMPLETION
+    if fmt == DatasetFormat.SHAREGPT:
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]
+        return {"messages": messages}, DatasetFormat.CHAT
+    return row, fmt
+
+
+def prompt_and_reference(row: dict[str, Any], fmt: DatasetFormat) -> tuple[Any, str] | None:
+    """The prompt (a string or messages) and the reference answer of a supervised row; None for text."""
+    row, fmt = standard_row(row, fmt)
+    if fmt == DatasetFormat.PROMPT_COMPLETION:
+        if _is_messages(row["prompt"]) or _is_messages(row["completion"]):
+            answer = " ".join(m["content"] for m in row["completion"])
+            return _plain_messages(row["prompt"]), answer
+        return row["prompt"], row["completion"]
+    if fmt == DatasetFormat.CHAT:
+        messages = _plain_messages(row["messages"])
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return messages[:last], messages[last]["content"]
+    return None
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -552,8 +725,10 @@ def tokenize_sft_row(row: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) ->
     """Tokens and labels of a supervised row (text, prompt/completion or chat).
 
     Text rows train on every token (an EOS is appended); prompt/completion rows
-    on the completion (plus EOS); chat rows on the assistant turns.
+    on the completion (plus EOS); chat rows on the assistant turns. Alpaca rows
+    are prompt/completion rows, ShareGPT rows chat rows (`standard_row`).
     """
+    row, fmt = standard_row(row, fmt)
     if fmt == DatasetFormat.TEXT:
         ids = _text_ids(tokenizer, row["text"], eos=True)
         return TokenizedRow(ids, list(ids))
@@ -598,11 +773,29 @@ def preference_lengths(row: dict[str, Any], tokenizer: Any) -> tuple[int, int]:
     )
 
 
+def prompt_lengths(row: dict[str, Any], fmt: DatasetFormat, tokenizer: Any) -> dict[str, int]:
+    """Token lengths of an unpaired preference row (prompt + completion) or a prompt-only row."""
+    prompt = row["prompt"]
+    if fmt == DatasetFormat.PROMPT_ONLY:
+        if _is_messages(prompt):
+            return {"prompt": len(_chat_ids(tokenizer, _plain_messages(prompt), add_generation_prompt=True))}
+        return {"prompt": len(tokenizer(prompt)["input_ids"])}
+    if _is_messages(prompt) or _is_messages(row["completion"]):
+        ids = _chat_ids(tokenizer, _plain_messages(prompt) + _plain_messages(row["completion"]))
+        return {"completion": len(ids)}
+    return {"completion": len(_text_ids(tokenizer, prompt + row["completion"], eos=True))}
+
+
 def needs_chat_template(rows: Sequence[Any], fmt: DatasetFormat) -> bool:
     """Whether rendering the rows needs the model's chat template."""
-    if fmt == DatasetFormat.CHAT:
+    if fmt in (DatasetFormat.CHAT, DatasetFormat.SHAREGPT):
         return True
-    if fmt in (DatasetFormat.PROMPT_COMPLETION, DatasetFormat.PREFERENCE):
+    if fmt in (
+        DatasetFormat.PROMPT_COMPLETION,
+        DatasetFormat.PREFERENCE,
+        DatasetFormat.UNPAIRED_PREFERENCE,
+        DatasetFormat.PROMPT_ONLY,
+    ):
         for row in rows:
             if isinstance(row, dict):
                 return _is_messages(row.get("prompt")) or _is_messages(
@@ -621,8 +814,13 @@ def check_rows(
     tokenizer: Any = None,
     max_seq_length: int | None = None,
     limit: int = MAX_REPORTED_ISSUES,
+    extra_fields: Sequence[str] = (),
 ) -> DatasetReport:
-    """Check every row of `rows` as `fmt` rows; lengths too when a tokenizer is given."""
+    """Check every row of `rows` as `fmt` rows; lengths too when a tokenizer is given.
+
+    `extra_fields` are string fields every row must also have (e.g. the
+    `answer` a GRPO reward function compares completions with).
+    """
     issues = _IssueList(limit)
     max_tokens: int | None = None
     if not rows:
@@ -642,15 +840,31 @@ def check_rows(
             reason="NO_CHAT_TEMPLATE",
         )
     for index, row in enumerate(rows):
-        if not _check_structure(issues, index, row, fmt) or tokenizer is None:
+        if not _check_structure(issues, index, row, fmt):
+            continue
+        missing_extra = False
+        for name in extra_fields:
+            if name not in row or row[name] is None:
+                issues.add(index, name, "is missing (the reward functions of the job read it)")
+                missing_extra = True
+            elif not _check_text(issues, index, name, row[name]):
+                missing_extra = True
+        if missing_extra or tokenizer is None:
             continue
         try:
             if fmt == DatasetFormat.PREFERENCE:
                 chosen, rejected = preference_lengths(row, tokenizer)
                 lengths = {"chosen": chosen, "rejected": rejected}
+            elif fmt in (DatasetFormat.UNPAIRED_PREFERENCE, DatasetFormat.PROMPT_ONLY):
+                lengths = prompt_lengths(row, fmt, tokenizer)
             else:
                 tokenized = tokenize_sft_row(row, fmt, tokenizer)
-                main = {DatasetFormat.TEXT: "text", DatasetFormat.CHAT: "messages"}.get(fmt, "completion")
+                main = {
+                    DatasetFormat.TEXT: "text",
+                    DatasetFormat.CHAT: "messages",
+                    DatasetFormat.SHAREGPT: "conversations",
+                    DatasetFormat.ALPACA: "output",
+                }.get(fmt, "completion")
                 lengths = {main: len(tokenized.input_ids)}
                 if all(label == IGNORE_INDEX for label in tokenized.labels):
                     issues.add(index, main, "has no tokens to train on after rendering")
@@ -690,6 +904,7 @@ def validate_dataset(
     max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
     roots: Sequence[Path] = (),
     datasets_cache: Path | None = None,
+    extra_fields: Sequence[str] = (),
 ) -> ValidatedDataset:
     """Load `source`, detect (or take) its format, check it fits `method`, check every row.
 
@@ -705,17 +920,26 @@ def validate_dataset(
         )
     detected = fmt or detect_format(loaded.rows)
     check_method_format(method, detected)
-    report = check_rows(loaded.rows, detected, tokenizer=tokenizer, max_seq_length=max_seq_length)
+    report = check_rows(
+        loaded.rows, detected, tokenizer=tokenizer, max_seq_length=max_seq_length, extra_fields=extra_fields
+    )
     return ValidatedDataset(loaded.rows, detected, report, loaded.origin)
 
 
+def eval_row_count(num_rows: int, eval_fraction: float) -> int:
+    """Rows held out of `num_rows` for `eval_fraction`: at least one, at most `MAX_EVAL_ROWS`, never all."""
+    if eval_fraction <= 0 or num_rows < 2:
+        return 0
+    return min(num_rows - 1, MAX_EVAL_ROWS, max(1, math.floor(num_rows * eval_fraction)))
+
+
 def split_rows(rows: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Hold out `eval_fraction` of the rows (at least one, a seeded random choice) for evaluation."""
+    """Hold out `eval_fraction` of the rows (`eval_row_count`, a seeded random choice) for evaluation."""
     import random
 
-    if eval_fraction <= 0 or len(rows) < 2:
+    count = eval_row_count(len(rows), eval_fraction)
+    if count == 0:
         return list(rows), []
-    count = min(len(rows) - 1, max(1, math.floor(len(rows) * eval_fraction)))
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:count])

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Engine, Integer, String, Text
+from sqlalchemy import Boolean, Engine, Float, Integer, String, Text, UniqueConstraint
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -34,6 +34,7 @@ __all__ = [
     "SQLITE_IMMEDIATE",
     "Base",
     "JobRow",
+    "MetricRow",
     "database_errors",
     "default_url",
     "head_revision",
@@ -84,6 +85,27 @@ class JobRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     update_time: Mapped[datetime] = mapped_column(UtcDateTime)
     spec: Mapped[str] = mapped_column(Text)
+    data: Mapped[str] = mapped_column(Text)
+
+
+class MetricRow(Base):
+    """One logged step of a job's metric history: its metrics by name as JSON in `data`.
+
+    `kind` is `TRAIN` (a logged training step) or `EVAL` (an evaluation); a
+    step is kept once per kind (a resumed job overwrites the steps it redoes).
+    """
+
+    __tablename__ = "training_metrics"
+    __table_args__ = (
+        UniqueConstraint("job_id", "step", "kind", name="uq_training_metrics_job_id_step_kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(63), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[float] = mapped_column(Float)
+    time: Mapped[datetime] = mapped_column(UtcDateTime)
     data: Mapped[str] = mapped_column(Text)
 
 

@@ -14,9 +14,20 @@ from typing import Any
 
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
 from server_kit.errors import FieldViolation, InvalidArgument
-from trainer_service.datasets import DEFAULT_MAX_SEQ_LENGTH, Method
+from trainer_service.datasets import DEFAULT_EVAL_SPLIT, DEFAULT_MAX_SEQ_LENGTH, Method
 
-DEFAULT_LEARNING_RATE = {Method.LORA: 2e-4, Method.QLORA: 2e-4, Method.FULL: 2e-5, Method.DPO: 5e-6}
+DEFAULT_LEARNING_RATE = {
+    Method.LORA: 2e-4,
+    Method.QLORA: 2e-4,
+    Method.FULL: 2e-5,
+    Method.DPO: 5e-6,
+    Method.ORPO: 8e-6,
+    Method.KTO: 5e-6,
+    Method.REWARD: 2e-5,
+    Method.GRPO: 1e-5,
+}
+BETA_METHODS = (Method.DPO, Method.ORPO, Method.KTO)
+"""Methods with a beta (`dpo_beta`): DPO's and KTO's beta, ORPO's lambda."""
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 ALL_LINEAR = "all-linear"
 PREFIX = "job.hyperparameters"
@@ -39,11 +50,16 @@ class Hyperparams:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
-    eval_split: float = 0.0
+    eval_split: float = DEFAULT_EVAL_SPLIT
     eval_steps: int | None = None
     save_steps: int = 50
     weight_decay: float = 0.0
     dpo_beta: float = 0.1
+    grpo_reward_functions: list[str] = field(default_factory=list)
+    grpo_reward_model: str = ""
+    grpo_num_generations: int = 4
+    grpo_max_completion_length: int = 64
+    grpo_temperature: float = 1.0
 
     @property
     def effective_batch_size(self) -> int:
@@ -83,8 +99,14 @@ class Hyperparams:
             proto.lora.alpha = self.lora_alpha
             proto.lora.dropout = self.lora_dropout
             proto.lora.target_modules.extend(self.lora_target_modules)
-        if method == Method.DPO:
+        if method in BETA_METHODS:
             proto.dpo_beta = self.dpo_beta
+        if method == Method.GRPO:
+            proto.grpo.reward_functions.extend(self.grpo_reward_functions)
+            proto.grpo.reward_model = self.grpo_reward_model
+            proto.grpo.num_generations = self.grpo_num_generations
+            proto.grpo.max_completion_length = self.grpo_max_completion_length
+            proto.grpo.temperature = self.grpo_temperature
         return proto
 
 
@@ -108,11 +130,16 @@ def resolve(method: Method, proto: pb.Hyperparameters) -> Hyperparams:
         lora_alpha=_get(proto.lora, "alpha", 16.0),
         lora_dropout=_get(proto.lora, "dropout", 0.05),
         lora_target_modules=list(proto.lora.target_modules) or [ALL_LINEAR],
-        eval_split=_get(proto, "eval_split", 0.0),
+        eval_split=_get(proto, "eval_split", DEFAULT_EVAL_SPLIT),
         eval_steps=_get(proto, "eval_steps", None),
         save_steps=_get(proto, "save_steps", 50),
         weight_decay=_get(proto, "weight_decay", 0.0),
         dpo_beta=_get(proto, "dpo_beta", 0.1),
+        grpo_reward_functions=list(proto.grpo.reward_functions),
+        grpo_reward_model=proto.grpo.reward_model,
+        grpo_num_generations=_get(proto.grpo, "num_generations", 4),
+        grpo_max_completion_length=_get(proto.grpo, "max_completion_length", 64),
+        grpo_temperature=_get(proto.grpo, "temperature", 1.0),
     )
     bad: list[FieldViolation] = []
 
@@ -135,6 +162,8 @@ def resolve(method: Method, proto: pb.Hyperparameters) -> Hyperparams:
     check(h.save_steps >= 1, "save_steps", "must be >= 1")
     check(0 <= h.weight_decay < 1, "weight_decay", "must be in [0, 1)")
     check(h.dpo_beta > 0, "dpo_beta", "must be > 0")
+    if method == Method.GRPO:
+        check_grpo(h, check)
     if method != Method.FULL:
         check(1 <= h.lora_r <= 1024, "lora.r", "must be in [1, 1024]")
         check(h.lora_alpha > 0, "lora.alpha", "must be > 0")
@@ -151,3 +180,25 @@ def resolve(method: Method, proto: pb.Hyperparameters) -> Hyperparams:
             violations=bad,
         )
     return h
+
+
+def check_grpo(h: Hyperparams, check: Any) -> None:
+    """GRPO's settings: a reward source, known reward functions, generations that fit the batch."""
+    from trainer_service.rewards import REWARD_FUNCTIONS
+
+    g = "grpo"
+    check(
+        bool(h.grpo_reward_functions or h.grpo_reward_model),
+        f"{g}.reward_functions",
+        f"GRPO needs a reward: name reward functions ({', '.join(REWARD_FUNCTIONS)}) or a reward_model",
+    )
+    unknown = [name for name in h.grpo_reward_functions if name not in REWARD_FUNCTIONS]
+    check(not unknown, f"{g}.reward_functions", f"unknown {unknown}; known: {', '.join(REWARD_FUNCTIONS)}")
+    check(2 <= h.grpo_num_generations <= 256, f"{g}.num_generations", "must be in [2, 256]")
+    check(
+        h.grpo_num_generations < 2 or h.effective_batch_size % h.grpo_num_generations == 0,
+        f"{g}.num_generations",
+        f"must divide batch_size x gradient_accumulation_steps ({h.effective_batch_size})",
+    )
+    check(1 <= h.grpo_max_completion_length <= 65536, f"{g}.max_completion_length", "must be in [1, 65536]")
+    check(math.isfinite(h.grpo_temperature) and h.grpo_temperature > 0, f"{g}.temperature", "must be > 0")

@@ -61,7 +61,11 @@ from server_kit.errors import (
 )
 from trainer_service import datasets as ds
 from trainer_service import hyperparams, jobs
+from trainer_service.evaluation import eval_metrics_of
+from trainer_service.job_checks import check_llm_task, check_task, reward_model_path, task_name
 from trainer_service.jobs import ClaimedJob, JobStore, job_id_of, job_name, method_name, state_name
+from trainer_service.metric_store import MetricStore
+from trainer_service.rewards import required_fields
 from trainer_service.runner import JobPaths, WorkerEvent, WorkerProcess, WorkerSpec
 from trainer_service.strategies import strategy_for
 from trainer_service.strategies.base import find_complete_checkpoint
@@ -159,10 +163,11 @@ class _Running:
 
 def _method(value: int, field_name: str = "job.method") -> ds.Method:
     if value == pb.TRAINING_METHOD_UNSPECIFIED or value not in pb.TrainingMethod.values():
+        names = ", ".join(m.value for m in ds.Method)
         raise InvalidArgument(
-            "method is required: LORA, QLORA, FULL or DPO",
+            f"method is required: one of {names}",
             reason="MISSING_FIELD" if value == 0 else "INVALID_METHOD",
-            violations=[FieldViolation(field_name, "set TRAINING_METHOD_LORA, _QLORA, _FULL or _DPO")],
+            violations=[FieldViolation(field_name, f"set TRAINING_METHOD_ + one of {names}")],
         )
     return ds.Method(method_name(value))
 
@@ -222,6 +227,7 @@ class JobManager:
 
     def __init__(self, store: JobStore, catalog: Catalog | None, config: ManagerConfig) -> None:
         self.store = store
+        self.metrics = MetricStore(store.engine, clock=store.clock)
         self.catalog = catalog
         self.config = config
         self.events = JobEvents()
@@ -320,8 +326,19 @@ class JobManager:
                     ],
                 )
         dataset = request.dataset
-        validated = await self._validate(dataset, method, Path(base.local_path), hyper.max_seq_length)
+        reward_model = ""
+        if hyper.grpo_reward_model:
+            reward = await self._usable_base_model(
+                hyper.grpo_reward_model, field_name="job.hyperparameters.grpo.reward_model", reward=True
+            )
+            hyper.grpo_reward_model, reward_model = reward.name, reward.local_path
+        extra_fields = required_fields(hyper.grpo_reward_functions) if method == ds.Method.GRPO else ()
+        validated = await self._validate(
+            dataset, method, Path(base.local_path), hyper.max_seq_length, extra_fields=extra_fields
+        )
         validated.report.raise_if_invalid()
+        check_task(request.task, method, validated.format)
+        eval_rows = ds.eval_row_count(validated.report.num_rows, hyper.eval_split)
 
         output_model_id = request.output_model_id or default_output_model_id(base.name, datetime.now(UTC))
         await self._check_output_free(output_model_id)
@@ -334,6 +351,9 @@ class JobManager:
             hyperparameters=hyper.to_proto(method),
             output_model_id=output_model_id,
             labels=dict(request.labels),
+            task=request.task,
+            train_row_count=validated.report.num_rows - eval_rows,
+            eval_row_count=eval_rows,
         )
         if validate_only:
             return job
@@ -341,6 +361,7 @@ class JobManager:
             "base_model_path": base.local_path,
             "hyperparameters": hyper.to_dict(),
             "train_rows": validated.report.num_rows,
+            "reward_model_path": reward_model,
         }
         created = await asyncio.to_thread(self.store.create, job_id, job, spec)
         log.info("queued %s: %s of %s on %s", created.name, method.value, base.name, source)
@@ -371,6 +392,16 @@ class JobManager:
             run.process.request_stop("cancel")
         # A job running on another trainer sees the flag at its next lease renewal.
         return job
+
+    async def list_metrics(
+        self, parent: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[pb.MetricPoint], str]:
+        """One page of a job's metric history (every logged step and evaluation), by step."""
+        job_id = job_id_of(parent, "parent")
+        await asyncio.to_thread(self.store.get, job_id)  # NOT_FOUND for an unknown job
+        return await asyncio.to_thread(
+            self.metrics.list_points, job_id, page_size=page_size, page_token=page_token
+        )
 
     async def watch(self, name: str) -> AsyncIterator[JobEvent]:
         """The job's current state, then every change until it ends."""
@@ -418,8 +449,10 @@ class JobManager:
 
     # ------------------------------------------------------------------ checks
 
-    async def _usable_base_model(self, name: str, field_name: str = "job.base_model") -> model_pb2.Model:
-        """The catalog entry of a base model this trainer can train, or the reason it cannot."""
+    async def _usable_base_model(
+        self, name: str, field_name: str = "job.base_model", *, reward: bool = False
+    ) -> model_pb2.Model:
+        """The catalog entry of a base model this trainer can train (or, with `reward`, a reward model)."""
         if self.catalog is None:
             raise FailedPrecondition(
                 "this trainer has no catalog configured (MODELYARD_CATALOG_ADDRESS), so it cannot resolve "
@@ -444,6 +477,7 @@ class JobManager:
                 reason="UNSUPPORTED_MODEL_KIND",
                 metadata={"model": base.name, "kind": model_pb2.ModelKind.Name(base.kind)},
             )
+        check_llm_task(base, reward=reward, field_name=field_name)
         if base.llm.HasField("adapter"):
             raise FailedPrecondition(
                 f"{base.name} is a LoRA adapter; train on its base model "
@@ -451,6 +485,9 @@ class JobManager:
                 reason="BASE_MODEL_IS_ADAPTER",
                 metadata={"model": base.name},
             )
+        if reward:  # only loaded to score completions: its files and config are what matters
+            await asyncio.to_thread(self._check_model_files, base)
+            return base
         try:
             report = await self.catalog.check_compatibility(base.name, engine_spec=self.config.engine_spec)
         except ModelyardRpcError as error:
@@ -515,7 +552,13 @@ class JobManager:
         return tokenizer
 
     async def _validate(
-        self, dataset: pb.Dataset, method: ds.Method, model_path: Path | None, max_seq_length: int
+        self,
+        dataset: pb.Dataset,
+        method: ds.Method,
+        model_path: Path | None,
+        max_seq_length: int,
+        *,
+        extra_fields: tuple[str, ...] = (),
     ) -> ds.ValidatedDataset:
         def work() -> ds.ValidatedDataset:
             tokenizer = self._tokenizer(model_path) if model_path is not None else None
@@ -528,6 +571,7 @@ class JobManager:
                 max_seq_length=max_seq_length,
                 roots=self.config.dataset_roots,
                 datasets_cache=self.config.datasets_cache,
+                extra_fields=extra_fields,
             )
 
         async with self._validations:
@@ -617,6 +661,7 @@ class JobManager:
             resume_from=str(checkpoint) if checkpoint else "",
             datasets_cache=str(self.config.datasets_cache or ""),
             allow_remote_code=self.config.allow_remote_code,
+            extra={"task": task_name(job.task), "reward_model_path": reward_model_path(spec)},
         )
         process = WorkerProcess(
             paths, worker_spec, python=self.config.python, num_processes=self.config.num_processes
@@ -686,6 +731,8 @@ class JobManager:
                 progress.eta.FromNanoseconds(int(float(data["eta_seconds"]) * 1e9))
             # A (re)started run has no step metrics yet: drop those of the previous run.
             reset = STEP_METRICS if event.type == "started" else ()
+            if event.type == "progress":
+                await self._record_point(job_id, pb.METRIC_KIND_TRAIN, data)
             await self._progress(job_id, PROGRESS, progress, process=process, reset=reset)
         elif event.type == "eval":
             progress = pb.TrainingProgress()
@@ -693,6 +740,10 @@ class JobManager:
                 progress.eval_loss = float(data["eval_loss"])
             if data.get("eval_perplexity") is not None:
                 progress.eval_perplexity = float(data["eval_perplexity"])
+            progress.eval_metrics.update(
+                {k: float(v) for k, v in dict(data.get("task_metrics") or {}).items()}
+            )
+            await self._record_point(job_id, pb.METRIC_KIND_EVAL, data)
             await self._progress(job_id, EVAL, progress, process=process)
         elif event.type == "checkpoint":
             await self._progress(
@@ -719,6 +770,27 @@ class JobManager:
             )  # fmt: skip
             return True
         return False
+
+    async def _record_point(self, job_id: str, kind: pb.MetricKind.ValueType, data: dict[str, Any]) -> None:
+        """Keep a logged step's metrics in the job's history (a failure to do so only logs)."""
+        values = {
+            k: float(v) for k, v in dict(data.get("metrics") or {}).items() if isinstance(v, int | float)
+        }
+        if data.get("eval_perplexity") is not None:
+            values["eval_perplexity"] = float(data["eval_perplexity"])
+        if not values:
+            return
+        try:
+            await asyncio.to_thread(
+                self.metrics.record,
+                job_id,
+                kind,
+                int(data.get("step", 0)),
+                float(data.get("epoch") or 0.0),
+                values,
+            )
+        except ModelyardError as error:
+            log.warning("job %s: metric history not recorded: %s", job_id, error.message)
 
     async def _progress(
         self,
@@ -781,6 +853,12 @@ class JobManager:
         for key in ("train_loss", "eval_loss", "eval_perplexity"):
             if isinstance(metrics.get(key), int | float):
                 labels[key.replace("_", "-")] = f"{float(metrics[key]):.6g}"
+        for name, value in eval_metrics_of(metrics).items():
+            labels[f"eval-{name.lower().replace('_', '-')}"] = f"{value:.6g}"
+        if job.eval_row_count:
+            labels["eval-rows"] = str(job.eval_row_count)
+        if job.task:
+            labels["training-task"] = task_name(job.task).lower()
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, int | float))
         try:
             model = await self.catalog.import_model(
@@ -791,7 +869,7 @@ class JobManager:
                 display_name=f"{job.base_model.removeprefix('models/')} ({method} fine-tune)",
                 description=f"{method_name(job.method)} fine-tune of {job.base_model} by {job.name}. "
                 f"{summary}",
-                tags=["fine-tune", method],
+                tags=["fine-tune", method, *(["reward-model"] if method == "reward" else [])],
                 labels=labels,
             )
         except ModelyardRpcError as error:

@@ -63,3 +63,11 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if report.max_tokens is not None:
             response.max_tokens = report.max_tokens
         return response
+
+    async def ListTrainingMetrics(
+        self, request: pb.ListTrainingMetricsRequest, context: aio.ServicerContext
+    ) -> pb.ListTrainingMetricsResponse:
+        points, token = await self.manager.list_metrics(
+            request.parent, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListTrainingMetricsResponse(points=points, next_page_token=token)

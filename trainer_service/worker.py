@@ -25,7 +25,11 @@ from server_kit.errors import ModelyardError
 from trainer_service.datasets import DatasetFormat, Method, check_rows, load_rows, split_rows
 from trainer_service.ddp import is_main_rank
 from trainer_service.hyperparams import Hyperparams
+from trainer_service.rewards import required_fields
 from trainer_service.runner import WorkerSpec
+
+SUPERVISED = (Method.LORA, Method.QLORA, Method.FULL)
+"""Methods whose eval loss is a language-model loss (so perplexity means something)."""
 
 log = logging.getLogger("modelyard.trainer.worker")
 
@@ -70,10 +74,26 @@ def _finite(value: Any) -> float | None:
     return number if number == number and abs(number) != float("inf") else None
 
 
+MAX_LOGGED_METRICS = 48
+
+
+def logged_numbers(logs: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a log entry (at most `MAX_LOGGED_METRICS`), for the job's metric history."""
+    numbers: dict[str, float] = {}
+    for key, value in logs.items():
+        number = _finite(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if number is not None and len(key) <= 64:
+            numbers[key] = number
+            if len(numbers) >= MAX_LOGGED_METRICS:
+                break
+    return numbers
+
+
 def make_callback(events: EventWriter, ctx: Any, *, perplexity: bool) -> Any:
     """The TrainerCallback that reports progress, evals and checkpoints, and stops on request."""
     from transformers import TrainerCallback
 
+    from trainer_service.evaluation import eval_metrics_of
     from trainer_service.strategies.base import safe_exp
 
     class JobCallback(TrainerCallback):
@@ -120,15 +140,20 @@ def make_callback(events: EventWriter, ctx: Any, *, perplexity: bool) -> Any:
                     samples_per_second=samples,
                     tokens_per_second=tokens_rate,
                     eta_seconds=max(eta, 0.0) if eta is not None else None,
+                    metrics=logged_numbers(logs),
                 )
                 self.last_time, self.last_step, self.last_tokens = now, step, state.num_input_tokens_seen
-            if "eval_loss" in logs:
-                eval_loss = _finite(logs["eval_loss"])
+            task_metrics = eval_metrics_of(logs)
+            if "eval_loss" in logs or task_metrics:
+                eval_loss = _finite(logs.get("eval_loss"))
                 events.emit(
                     "eval",
                     step=step,
+                    epoch=_finite(state.epoch),
                     eval_loss=eval_loss,
                     eval_perplexity=safe_exp(eval_loss) if perplexity and eval_loss is not None else None,
+                    task_metrics=task_metrics,
+                    metrics=logged_numbers(logs),
                 )
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -146,7 +171,6 @@ def run(spec: WorkerSpec, events: EventWriter) -> None:
         OutputCheckError,
         StopRequest,
         TrainContext,
-        check_output,
         load_tokenizer,
     )
 
@@ -161,7 +185,13 @@ def run(spec: WorkerSpec, events: EventWriter) -> None:
     cache = Path(spec.datasets_cache) if spec.datasets_cache else None
     rows = load_rows(spec.dataset_source, split=spec.dataset_split, datasets_cache=cache).rows
     tokenizer = load_tokenizer(base_path, allow_remote_code=spec.allow_remote_code)
-    check_rows(rows, fmt, tokenizer=tokenizer, max_seq_length=hyper.max_seq_length).raise_if_invalid()
+    check_rows(
+        rows,
+        fmt,
+        tokenizer=tokenizer,
+        max_seq_length=hyper.max_seq_length,
+        extra_fields=required_fields(hyper.grpo_reward_functions) if method == Method.GRPO else (),
+    ).raise_if_invalid()
     train_rows, eval_rows = split_rows(rows, hyper.eval_split, hyper.seed)
 
     ctx = TrainContext(
@@ -177,8 +207,12 @@ def run(spec: WorkerSpec, events: EventWriter) -> None:
         resume_from=Path(spec.resume_from) if spec.resume_from else None,
         stop=StopRequest(Path(spec.control_file)),
         allow_remote_code=spec.allow_remote_code,
+        task=str(spec.extra.get("task") or ""),
+        reward_model_path=Path(spec.extra["reward_model_path"])
+        if spec.extra.get("reward_model_path")
+        else None,
     )
-    callback = make_callback(events, ctx, perplexity=method != Method.DPO)
+    callback = make_callback(events, ctx, perplexity=method in SUPERVISED)
     result = strategy.train(ctx, [callback])
     if result.stopped:
         events.emit("stopped", reason=result.stopped)
@@ -188,7 +222,7 @@ def run(spec: WorkerSpec, events: EventWriter) -> None:
         events.emit("finished", output_dir=str(result.output_dir), metrics=result.metrics)
         return
     try:
-        sample = check_output(result.output_dir, base_path, adapter=strategy.produces_adapter)
+        sample = strategy.check_output(result.output_dir, base_path)
     except OutputCheckError as error:
         raise ModelyardError(str(error), reason="OUTPUT_CHECK_FAILED") from error
     events.emit(

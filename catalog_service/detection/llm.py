@@ -370,6 +370,19 @@ def safetensors_weights(folder: Path, stem: str = "model") -> WeightSet | None:
 # --------------------------------------------------------------------------- LLM
 
 
+def llm_task(architecture: str, raw: dict[str, Any]) -> model_pb2.LlmTask.ValueType:
+    """What a model computes, from its architecture's head (and `num_labels` / `id2label`)."""
+    if architecture.endswith("ForSequenceClassification"):
+        labels = raw.get("num_labels")
+        if not isinstance(labels, int):
+            id2label = raw.get("id2label")
+            labels = len(id2label) if isinstance(id2label, dict) else 2  # transformers' default
+        return model_pb2.LLM_TASK_REWARD_MODEL if labels == 1 else model_pb2.LLM_TASK_SEQUENCE_CLASSIFICATION
+    if architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
+        return model_pb2.LLM_TASK_TEXT_GENERATION
+    return model_pb2.LLM_TASK_UNSPECIFIED
+
+
 def detect_llm(folder: Path) -> model_pb2.LlmConfig:
     """The `LlmConfig` of a transformers model folder (config.json + tokenizer + weights).
 
@@ -384,6 +397,7 @@ def detect_llm(folder: Path) -> model_pb2.LlmConfig:
     architectures = as_str_list(raw.get("architectures"))
     if architectures:
         llm.architecture = architectures[0]
+        llm.task = llm_task(architectures[0], raw)
     model_type = raw.get("model_type")
     if isinstance(model_type, str) and model_type:
         llm.model_type = model_type

@@ -24,6 +24,22 @@ def strategy_for(method: Method) -> Strategy:
         from trainer_service.strategies.qlora import QloraStrategy
 
         return QloraStrategy()
+    if method == Method.ORPO:
+        from trainer_service.strategies.orpo import OrpoStrategy
+
+        return OrpoStrategy()
+    if method == Method.KTO:
+        from trainer_service.strategies.kto import KtoStrategy
+
+        return KtoStrategy()
+    if method == Method.REWARD:
+        from trainer_service.strategies.reward import RewardStrategy
+
+        return RewardStrategy()
+    if method == Method.GRPO:
+        from trainer_service.strategies.grpo import GrpoStrategy
+
+        return GrpoStrategy()
     raise ValueError(f"no strategy for {method}")
 
 

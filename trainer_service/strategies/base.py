@@ -91,6 +91,10 @@ class TrainContext:
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     stop: StopRequest = field(default_factory=lambda: StopRequest(None))
     allow_remote_code: bool = False
+    task: str = ""
+    """`SUMMARIZATION`, `QUESTION_ANSWERING` or empty (see `trainer_service.evaluation`)."""
+    reward_model_path: Path | None = None
+    """GRPO: the folder of the catalog reward model scoring completions."""
 
 
 @dataclass
@@ -115,6 +119,10 @@ class Strategy(ABC):
     @abstractmethod
     def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
         """Train, save to `ctx.output_dir` unless stopped early, and return the result."""
+
+    def check_output(self, output_dir: Path, base_model_path: Path) -> str:
+        """The post-training check of the saved output (default: it loads and generates); a sample."""
+        return check_output(output_dir, base_model_path, adapter=self.produces_adapter)
 
 
 # --------------------------------------------------------------------------- device and loading
@@ -161,7 +169,9 @@ def load_model(path: Path, device: Device, *, allow_remote_code: bool = False, *
     )
 
 
-def lora_config(hyper: Hyperparams) -> Any:
+def lora_config(
+    hyper: Hyperparams, *, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+) -> Any:
     """The peft LoRA config of a job (`all-linear` targets every linear layer but the LM head)."""
     from peft import LoraConfig
 
@@ -174,7 +184,8 @@ def lora_config(hyper: Hyperparams) -> Any:
         lora_dropout=hyper.lora_dropout,
         target_modules=targets,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
 
 
@@ -249,6 +260,15 @@ def run_trainer(trainer: Any, ctx: TrainContext, *, perplexity: bool) -> TrainRe
         metrics.update({k: float(v) for k, v in evaluation.items() if isinstance(v, int | float)})
         if perplexity and "eval_loss" in evaluation:
             metrics["eval_perplexity"] = safe_exp(float(evaluation["eval_loss"]))
+        if ctx.task and ctx.eval_rows:
+            from trainer_service.evaluation import task_metrics
+
+            scores = task_metrics(
+                ctx.task, trainer.model, trainer.processing_class, ctx.eval_rows, ctx.dataset_format
+            )
+            if scores:
+                trainer.log(dict(scores))  # an EVAL event with the task metrics, kept in log_history
+                metrics.update(scores)
     return TrainResult(ctx.output_dir, None, metrics)
 
 

@@ -26,18 +26,26 @@ from trainer_service.strategies.base import (
 )
 
 
+def preference_dataset(rows: Sequence[dict[str, Any]]) -> Any:
+    """Preference rows as a `datasets.Dataset` of prompt/chosen/rejected."""
+    from datasets import Dataset
+
+    return Dataset.from_list([_pair(row) for row in rows])
+
+
+def plain(value: Any) -> Any:
+    """A string as is; chat messages reduced to role and content (the fields TRL reads)."""
+    if isinstance(value, list):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return value
+
+
 def _pair(row: dict[str, Any]) -> dict[str, Any]:
-    """A preference row with only the fields TRL reads (messages reduced to role and content)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"role": m["role"], "content": m["content"]} for m in value]
-        return value
-
+    """A preference row with only the fields TRL reads."""
     return {
-        "prompt": clean(row["prompt"]),
-        "chosen": clean(row["chosen"]),
-        "rejected": clean(row["rejected"]),
+        "prompt": plain(row["prompt"]),
+        "chosen": plain(row["chosen"]),
+        "rejected": plain(row["rejected"]),
     }
 
 
@@ -48,14 +56,13 @@ class DpoStrategy(Strategy):
     produces_adapter = True
 
     def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
-        from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
         device = detect_device()
         tokenizer = load_tokenizer(ctx.base_model_path, allow_remote_code=ctx.allow_remote_code)
         model = load_model(ctx.base_model_path, device, allow_remote_code=ctx.allow_remote_code)
-        train_data = Dataset.from_list([_pair(row) for row in ctx.rows])
-        eval_data = Dataset.from_list([_pair(row) for row in ctx.eval_rows]) if ctx.eval_rows else None
+        train_data = preference_dataset(ctx.rows)
+        eval_data = preference_dataset(ctx.eval_rows) if ctx.eval_rows else None
         args = DPOConfig(
             **common_arguments(ctx, device, has_eval=eval_data is not None), beta=ctx.hyper.dpo_beta
         )
@@ -70,6 +77,12 @@ class DpoStrategy(Strategy):
             callbacks=list(callbacks),
         )
         result = run_trainer(trainer, ctx, perplexity=False)
+        return self.save_adapter(trainer, tokenizer, ctx, result)
+
+    def save_adapter(
+        self, trainer: Any, tokenizer: Any, ctx: TrainContext, result: TrainResult
+    ) -> TrainResult:
+        """Save the trained adapter, the tokenizer and the training record (unless stopped early)."""
         if result.output_dir is None:
             return result
         ctx.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""peft trainer: fine-tunes LLMs (LoRA, QLoRA on CUDA, full, DPO) with transformers + peft + TRL.
+"""peft trainer: fine-tunes LLMs (LoRA, QLoRA on CUDA, full, DPO, ORPO, KTO, reward, GRPO) with TRL.
 
 Memory is estimated per training method — the requested one, else the
 lightest the worker offers that applies to the model:
@@ -79,7 +79,7 @@ TABLE = register(
         quantizations=frozenset({"bitsandbytes", "gptq", "awq"}),
         default_architectures=causal_lm_architectures,
         default_architectures_complete=True,
-        training_methods=frozenset({"lora", "full", "dpo"}),
+        training_methods=frozenset({"lora", "full", "dpo", "orpo", "kto", "reward", "grpo"}),
         kv_cache_tokens=0,
         estimate_memory=estimate_training_memory,
     )

@@ -112,6 +112,34 @@ WEIGHT_FORMAT_GGUF: WeightFormat.ValueType  # 3
 """A llama.cpp GGUF file."""
 Global___WeightFormat: _TypeAlias = WeightFormat  # noqa: Y015
 
+class _LlmTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LlmTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LlmTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LLM_TASK_UNSPECIFIED: _LlmTask.ValueType  # 0
+    """Not determined."""
+    LLM_TASK_TEXT_GENERATION: _LlmTask.ValueType  # 1
+    """Next-token prediction (causal LM): generation, chat."""
+    LLM_TASK_REWARD_MODEL: _LlmTask.ValueType  # 2
+    """A reward model: one score per sequence (sequence classification, one label)."""
+    LLM_TASK_SEQUENCE_CLASSIFICATION: _LlmTask.ValueType  # 3
+    """Sequence classification with several labels."""
+
+class LlmTask(_LlmTask, metaclass=_LlmTaskEnumTypeWrapper):
+    """What an LLM computes."""
+
+LLM_TASK_UNSPECIFIED: LlmTask.ValueType  # 0
+"""Not determined."""
+LLM_TASK_TEXT_GENERATION: LlmTask.ValueType  # 1
+"""Next-token prediction (causal LM): generation, chat."""
+LLM_TASK_REWARD_MODEL: LlmTask.ValueType  # 2
+"""A reward model: one score per sequence (sequence classification, one label)."""
+LLM_TASK_SEQUENCE_CLASSIFICATION: LlmTask.ValueType  # 3
+"""Sequence classification with several labels."""
+Global___LlmTask: _TypeAlias = LlmTask  # noqa: Y015
+
 class _ImageBaseModel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -553,6 +581,7 @@ class LlmConfig(_message.Message):
     REQUIRES_REMOTE_CODE_FIELD_NUMBER: _builtins.int
     HEAD_DIM_FIELD_NUMBER: _builtins.int
     SLIDING_WINDOW_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     architecture: _builtins.str
     """Architecture class, e.g. `LlamaForCausalLM`."""
     model_type: _builtins.str
@@ -588,6 +617,11 @@ class LlmConfig(_message.Message):
     """
     sliding_window: _builtins.int
     """Sliding attention window in tokens, when the model uses one."""
+    task: Global___LlmTask.ValueType
+    """What the model computes, from its architecture's head: text generation
+    (`...ForCausalLM`), or a score per sequence (`...ForSequenceClassification`;
+    one label: a reward model, as the trainer's REWARD method makes).
+    """
     @_builtins.property
     def compatible_model_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Model types that share this model's config class in transformers."""
@@ -642,10 +676,11 @@ class LlmConfig(_message.Message):
         requires_remote_code: _builtins.bool = ...,
         head_dim: _builtins.int | None = ...,
         sliding_window: _builtins.int | None = ...,
+        task: Global___LlmTask.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_head_dim", b"_head_dim", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_sliding_window", b"_sliding_window", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "hub", b"hub", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "rope_scaling", b"rope_scaling", "sliding_window", b"sliding_window", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_head_dim", b"_head_dim", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_sliding_window", b"_sliding_window", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "architecture", b"architecture", "compatible_model_types", b"compatible_model_types", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "dtype", b"dtype", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "hub", b"hub", "languages", b"languages", "model_type", b"model_type", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "requires_remote_code", b"requires_remote_code", "rope_scaling", b"rope_scaling", "sliding_window", b"sliding_window", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size", "weight_format", b"weight_format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_length", b"_context_length", "_default_temperature", b"_default_temperature", "_default_top_p", b"_default_top_p", "_head_dim", b"_head_dim", "_hidden_size", b"_hidden_size", "_num_attention_heads", b"_num_attention_heads", "_num_key_value_heads", b"_num_key_value_heads", "_num_layers", b"_num_layers", "_parameter_count", b"_parameter_count", "_sliding_window", b"_sliding_window", "_vocab_size", b"_vocab_size", "adapter", b"adapter", "architecture", b"architecture", "compatible_model_types", b"compatible_model_types", "context_length", b"context_length", "default_temperature", b"default_temperature", "default_top_p", b"default_top_p", "dtype", b"dtype", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "hub", b"hub", "languages", b"languages", "model_type", b"model_type", "num_attention_heads", b"num_attention_heads", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "quantization", b"quantization", "requires_remote_code", b"requires_remote_code", "rope_scaling", b"rope_scaling", "sliding_window", b"sliding_window", "task", b"task", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size", "weight_format", b"weight_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__context_length: _TypeAlias = _typing.Literal["context_length"]  # noqa: Y015
     _WhichOneofArgType__context_length: _TypeAlias = _typing.Literal["_context_length", b"_context_length"]  # noqa: Y015

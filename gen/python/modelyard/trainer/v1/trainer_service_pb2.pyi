@@ -21,6 +21,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TrainingTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrainingTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrainingTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRAINING_TASK_UNSPECIFIED: _TrainingTask.ValueType  # 0
+    """General: perplexity (supervised methods) or the method's own metrics."""
+    TRAINING_TASK_SUMMARIZATION: _TrainingTask.ValueType  # 1
+    """Summarization: ROUGE-1/2/L of generated answers against the references."""
+    TRAINING_TASK_QUESTION_ANSWERING: _TrainingTask.ValueType  # 2
+    """Question answering: exact match and token F1 of generated answers."""
+
+class TrainingTask(_TrainingTask, metaclass=_TrainingTaskEnumTypeWrapper):
+    """What a job trains the model for; chooses the task metrics of its evaluation
+    (perplexity is computed for every supervised job).
+    """
+
+TRAINING_TASK_UNSPECIFIED: TrainingTask.ValueType  # 0
+"""General: perplexity (supervised methods) or the method's own metrics."""
+TRAINING_TASK_SUMMARIZATION: TrainingTask.ValueType  # 1
+"""Summarization: ROUGE-1/2/L of generated answers against the references."""
+TRAINING_TASK_QUESTION_ANSWERING: TrainingTask.ValueType  # 2
+"""Question answering: exact match and token F1 of generated answers."""
+Global___TrainingTask: _TypeAlias = TrainingTask  # noqa: Y015
+
 class _TrainingMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -37,6 +63,22 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     """Full fine-tune of every weight."""
     TRAINING_METHOD_DPO: _TrainingMethod.ValueType  # 4
     """Direct preference optimisation (TRL) on preference pairs."""
+    TRAINING_METHOD_ORPO: _TrainingMethod.ValueType  # 5
+    """Odds ratio preference optimisation (TRL): SFT and preference in one loss,
+    no reference model; preference pairs.
+    """
+    TRAINING_METHOD_KTO: _TrainingMethod.ValueType  # 6
+    """Kahneman-Tversky optimisation (TRL) on unpaired rows: a completion
+    labelled desirable or not (preference pairs are unpaired).
+    """
+    TRAINING_METHOD_REWARD: _TrainingMethod.ValueType  # 7
+    """Reward modelling (TRL) on preference pairs: produces a sequence
+    classification model scoring a conversation (catalog task REWARD_MODEL).
+    """
+    TRAINING_METHOD_GRPO: _TrainingMethod.ValueType  # 8
+    """Group relative policy optimisation (TRL), RLHF on prompt-only rows with a
+    reward from built-in reward functions and/or a catalog reward model.
+    """
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
     """Training method."""
@@ -51,6 +93,22 @@ TRAINING_METHOD_FULL: TrainingMethod.ValueType  # 3
 """Full fine-tune of every weight."""
 TRAINING_METHOD_DPO: TrainingMethod.ValueType  # 4
 """Direct preference optimisation (TRL) on preference pairs."""
+TRAINING_METHOD_ORPO: TrainingMethod.ValueType  # 5
+"""Odds ratio preference optimisation (TRL): SFT and preference in one loss,
+no reference model; preference pairs.
+"""
+TRAINING_METHOD_KTO: TrainingMethod.ValueType  # 6
+"""Kahneman-Tversky optimisation (TRL) on unpaired rows: a completion
+labelled desirable or not (preference pairs are unpaired).
+"""
+TRAINING_METHOD_REWARD: TrainingMethod.ValueType  # 7
+"""Reward modelling (TRL) on preference pairs: produces a sequence
+classification model scoring a conversation (catalog task REWARD_MODEL).
+"""
+TRAINING_METHOD_GRPO: TrainingMethod.ValueType  # 8
+"""Group relative policy optimisation (TRL), RLHF on prompt-only rows with a
+reward from built-in reward functions and/or a catalog reward model.
+"""
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
 class _TrainingJobState:
@@ -105,6 +163,18 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """`{"messages": [{"role": ..., "content": ...}, ...]}` rows."""
     DATASET_FORMAT_PREFERENCE: _DatasetFormat.ValueType  # 4
     """`{"prompt": ..., "chosen": ..., "rejected": ...}` rows."""
+    DATASET_FORMAT_ALPACA: _DatasetFormat.ValueType  # 5
+    """Alpaca: `{"instruction": ..., "input": ..., "output": ...}` rows (input
+    optional), trained as prompt/completion.
+    """
+    DATASET_FORMAT_SHAREGPT: _DatasetFormat.ValueType  # 6
+    """ShareGPT: `{"conversations": [{"from": "human", "value": ...}, ...]}`
+    rows (from: system, human/user, gpt/assistant), trained as chat.
+    """
+    DATASET_FORMAT_UNPAIRED_PREFERENCE: _DatasetFormat.ValueType  # 7
+    """Unpaired preference: `{"prompt": ..., "completion": ..., "label": true}`."""
+    DATASET_FORMAT_PROMPT_ONLY: _DatasetFormat.ValueType  # 8
+    """Prompt only: `{"prompt": ...}` rows (other fields go to the reward functions)."""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """Format of a dataset."""
@@ -119,6 +189,18 @@ DATASET_FORMAT_CHAT: DatasetFormat.ValueType  # 3
 """`{"messages": [{"role": ..., "content": ...}, ...]}` rows."""
 DATASET_FORMAT_PREFERENCE: DatasetFormat.ValueType  # 4
 """`{"prompt": ..., "chosen": ..., "rejected": ...}` rows."""
+DATASET_FORMAT_ALPACA: DatasetFormat.ValueType  # 5
+"""Alpaca: `{"instruction": ..., "input": ..., "output": ...}` rows (input
+optional), trained as prompt/completion.
+"""
+DATASET_FORMAT_SHAREGPT: DatasetFormat.ValueType  # 6
+"""ShareGPT: `{"conversations": [{"from": "human", "value": ...}, ...]}`
+rows (from: system, human/user, gpt/assistant), trained as chat.
+"""
+DATASET_FORMAT_UNPAIRED_PREFERENCE: DatasetFormat.ValueType  # 7
+"""Unpaired preference: `{"prompt": ..., "completion": ..., "label": true}`."""
+DATASET_FORMAT_PROMPT_ONLY: DatasetFormat.ValueType  # 8
+"""Prompt only: `{"prompt": ...}` rows (other fields go to the reward functions)."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
 class _TrainingEventType:
@@ -152,6 +234,30 @@ TRAINING_EVENT_TYPE_EVAL: TrainingEventType.ValueType  # 3
 TRAINING_EVENT_TYPE_CHECKPOINT: TrainingEventType.ValueType  # 4
 """A checkpoint was written."""
 Global___TrainingEventType: _TypeAlias = TrainingEventType  # noqa: Y015
+
+class _MetricKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MetricKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METRIC_KIND_UNSPECIFIED: _MetricKind.ValueType  # 0
+    """Not set."""
+    METRIC_KIND_TRAIN: _MetricKind.ValueType  # 1
+    """A logged training step (loss, learning rate, ...)."""
+    METRIC_KIND_EVAL: _MetricKind.ValueType  # 2
+    """An evaluation (eval_loss, eval_perplexity, task metrics)."""
+
+class MetricKind(_MetricKind, metaclass=_MetricKindEnumTypeWrapper):
+    """Whether a metric point was logged in training or by an evaluation."""
+
+METRIC_KIND_UNSPECIFIED: MetricKind.ValueType  # 0
+"""Not set."""
+METRIC_KIND_TRAIN: MetricKind.ValueType  # 1
+"""A logged training step (loss, learning rate, ...)."""
+METRIC_KIND_EVAL: MetricKind.ValueType  # 2
+"""An evaluation (eval_loss, eval_perplexity, task metrics)."""
+Global___MetricKind: _TypeAlias = MetricKind  # noqa: Y015
 
 @_typing.final
 class TrainingJob(_message.Message):
@@ -195,6 +301,9 @@ class TrainingJob(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RESUME_COUNT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    TRAIN_ROW_COUNT_FIELD_NUMBER: _builtins.int
+    EVAL_ROW_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `trainingJobs/{job}`."""
     base_model: _builtins.str
@@ -211,6 +320,12 @@ class TrainingJob(_message.Message):
     """Number of times the job was resumed after a trainer restart."""
     checkpoint_path: _builtins.str
     """Folder of the latest complete checkpoint, when any."""
+    task: Global___TrainingTask.ValueType
+    """What the model is trained for; chooses the evaluation's task metrics."""
+    train_row_count: _builtins.int
+    """Rows trained on (the dataset less the eval split), set when queued."""
+    eval_row_count: _builtins.int
+    """Rows held out for evaluation (seeded), set when queued; 0: no evaluation."""
     @_builtins.property
     def dataset(self) -> Global___Dataset:
         """The training data."""
@@ -262,10 +377,13 @@ class TrainingJob(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         resume_count: _builtins.int = ...,
         checkpoint_path: _builtins.str = ...,
+        task: Global___TrainingTask.ValueType = ...,
+        train_row_count: _builtins.int = ...,
+        eval_row_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "error", b"error", "hyperparameters", b"hyperparameters", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "checkpoint_path", b"checkpoint_path", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "error", b"error", "hyperparameters", b"hyperparameters", "labels", b"labels", "method", b"method", "name", b"name", "output_model", b"output_model", "output_model_id", b"output_model_id", "progress", b"progress", "resume_count", b"resume_count", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "checkpoint_path", b"checkpoint_path", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "error", b"error", "eval_row_count", b"eval_row_count", "hyperparameters", b"hyperparameters", "labels", b"labels", "method", b"method", "name", b"name", "output_model", b"output_model", "output_model_id", b"output_model_id", "progress", b"progress", "resume_count", b"resume_count", "start_time", b"start_time", "state", b"state", "task", b"task", "train_row_count", b"train_row_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +468,7 @@ class Hyperparameters(_message.Message):
     SAVE_STEPS_FIELD_NUMBER: _builtins.int
     WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
     DPO_BETA_FIELD_NUMBER: _builtins.int
+    GRPO_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """Number of epochs (default 1)."""
     max_steps: _builtins.int
@@ -377,10 +496,14 @@ class Hyperparameters(_message.Message):
     weight_decay: _builtins.float
     """Weight decay."""
     dpo_beta: _builtins.float
-    """DPO beta (default 0.1)."""
+    """DPO beta (default 0.1); also ORPO's lambda and KTO's beta."""
     @_builtins.property
     def lora(self) -> Global___LoraParams:
         """LoRA settings (LoRA, QLoRA and DPO)."""
+
+    @_builtins.property
+    def grpo(self) -> Global___GrpoParams:
+        """GRPO settings."""
 
     def __init__(
         self,
@@ -400,10 +523,11 @@ class Hyperparameters(_message.Message):
         save_steps: _builtins.int | None = ...,
         weight_decay: _builtins.float | None = ...,
         dpo_beta: _builtins.float | None = ...,
+        grpo: Global___GrpoParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dpo_beta", b"_dpo_beta", "_epochs", b"_epochs", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_learning_rate", b"_learning_rate", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_save_steps", b"_save_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dpo_beta", b"dpo_beta", "epochs", b"epochs", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "save_steps", b"save_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dpo_beta", b"_dpo_beta", "_epochs", b"_epochs", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_learning_rate", b"_learning_rate", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_save_steps", b"_save_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dpo_beta", b"dpo_beta", "epochs", b"epochs", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "grpo", b"grpo", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "save_steps", b"save_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dpo_beta", b"_dpo_beta", "_epochs", b"_epochs", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_learning_rate", b"_learning_rate", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_save_steps", b"_save_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dpo_beta", b"dpo_beta", "epochs", b"epochs", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "lora", b"lora", "lr_scheduler", b"lr_scheduler", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "save_steps", b"save_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dpo_beta", b"_dpo_beta", "_epochs", b"_epochs", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_learning_rate", b"_learning_rate", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_save_steps", b"_save_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dpo_beta", b"dpo_beta", "epochs", b"epochs", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "grpo", b"grpo", "learning_rate", b"learning_rate", "lora", b"lora", "lr_scheduler", b"lr_scheduler", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "save_steps", b"save_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -461,6 +585,64 @@ class Hyperparameters(_message.Message):
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
 @_typing.final
+class GrpoParams(_message.Message):
+    """GRPO settings: where the reward comes from, and the sampling."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARD_FUNCTIONS_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
+    NUM_GENERATIONS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_LENGTH_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    reward_model: _builtins.str
+    """A catalog reward model, `models/{model}` (task REWARD_MODEL), scoring
+    each completion; added to the reward functions.
+    """
+    num_generations: _builtins.int
+    """Completions sampled per prompt (default 4; the batch size must be a
+    multiple of it).
+    """
+    max_completion_length: _builtins.int
+    """Longest completion in tokens (default 64)."""
+    temperature: _builtins.float
+    """Sampling temperature (default 1.0)."""
+    @_builtins.property
+    def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Built-in reward functions by name, summed: `answer_match` (the completion
+        contains the row's `answer`), `repetition_penalty`, `think_format`,
+        `length` (close to half of max_completion_length).
+        """
+
+    def __init__(
+        self,
+        *,
+        reward_functions: _abc.Iterable[_builtins.str] | None = ...,
+        reward_model: _builtins.str = ...,
+        num_generations: _builtins.int | None = ...,
+        max_completion_length: _builtins.int | None = ...,
+        temperature: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_temperature", b"_temperature", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_temperature", b"_temperature", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "reward_functions", b"reward_functions", "reward_model", b"reward_model", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_completion_length: _TypeAlias = _typing.Literal["max_completion_length"]  # noqa: Y015
+    _WhichOneofArgType__max_completion_length: _TypeAlias = _typing.Literal["_max_completion_length", b"_max_completion_length"]  # noqa: Y015
+    _WhichOneofReturnType__num_generations: _TypeAlias = _typing.Literal["num_generations"]  # noqa: Y015
+    _WhichOneofArgType__num_generations: _TypeAlias = _typing.Literal["_num_generations", b"_num_generations"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_completion_length) -> _WhichOneofReturnType__max_completion_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_generations) -> _WhichOneofReturnType__num_generations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___GrpoParams: _TypeAlias = GrpoParams  # noqa: Y015
+
+@_typing.final
 class LoraParams(_message.Message):
     """LoRA settings."""
 
@@ -513,6 +695,26 @@ class TrainingProgress(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EvalMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STEP_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
@@ -523,6 +725,7 @@ class TrainingProgress(_message.Message):
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     EVAL_PERPLEXITY_FIELD_NUMBER: _builtins.int
     ETA_FIELD_NUMBER: _builtins.int
+    EVAL_METRICS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Optimizer steps done."""
     total_steps: _builtins.int
@@ -545,6 +748,12 @@ class TrainingProgress(_message.Message):
     def eta(self) -> _duration_pb2.Duration:
         """Estimated time to finish."""
 
+    @_builtins.property
+    def eval_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Latest task metrics of the evaluation, e.g. `rouge1`, `rouge2`, `rougeL`,
+        `exact_match`, `f1`, `accuracy`, `reward`.
+        """
+
     def __init__(
         self,
         *,
@@ -558,10 +767,11 @@ class TrainingProgress(_message.Message):
         eval_loss: _builtins.float | None = ...,
         eval_perplexity: _builtins.float | None = ...,
         eta: _duration_pb2.Duration | None = ...,
+        eval_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_eval_perplexity", b"_eval_perplexity", "_learning_rate", b"_learning_rate", "_loss", b"_loss", "_samples_per_second", b"_samples_per_second", "_tokens_per_second", b"_tokens_per_second", "eta", b"eta", "eval_loss", b"eval_loss", "eval_perplexity", b"eval_perplexity", "learning_rate", b"learning_rate", "loss", b"loss", "samples_per_second", b"samples_per_second", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_eval_perplexity", b"_eval_perplexity", "_learning_rate", b"_learning_rate", "_loss", b"_loss", "_samples_per_second", b"_samples_per_second", "_tokens_per_second", b"_tokens_per_second", "epoch", b"epoch", "eta", b"eta", "eval_loss", b"eval_loss", "eval_perplexity", b"eval_perplexity", "learning_rate", b"learning_rate", "loss", b"loss", "samples_per_second", b"samples_per_second", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_eval_perplexity", b"_eval_perplexity", "_learning_rate", b"_learning_rate", "_loss", b"_loss", "_samples_per_second", b"_samples_per_second", "_tokens_per_second", b"_tokens_per_second", "epoch", b"epoch", "eta", b"eta", "eval_loss", b"eval_loss", "eval_metrics", b"eval_metrics", "eval_perplexity", b"eval_perplexity", "learning_rate", b"learning_rate", "loss", b"loss", "samples_per_second", b"samples_per_second", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eval_loss: _TypeAlias = _typing.Literal["eval_loss"]  # noqa: Y015
     _WhichOneofArgType__eval_loss: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss"]  # noqa: Y015
@@ -959,3 +1169,123 @@ class ValidateDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
 
 Global___ValidateDatasetResponse: _TypeAlias = ValidateDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListTrainingMetricsRequest(_message.Message):
+    """Request of ListTrainingMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The job, `trainingJobs/{job}`."""
+    page_size: _builtins.int
+    """Maximum number of points to return (default 500, maximum 5000)."""
+    page_token: _builtins.str
+    """Token from a previous response's `next_page_token`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingMetricsRequest: _TypeAlias = ListTrainingMetricsRequest  # noqa: Y015
+
+@_typing.final
+class MetricPoint(_message.Message):
+    """The metrics logged at one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STEP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Optimizer step."""
+    kind: Global___MetricKind.ValueType
+    """Training or evaluation."""
+    epoch: _builtins.float
+    """Epoch, fractional."""
+    @_builtins.property
+    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The metrics by name (`loss`, `learning_rate`, `eval_loss`, `rougeL`, ...)."""
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the point was logged."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        kind: Global___MetricKind.ValueType = ...,
+        epoch: _builtins.float = ...,
+        values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "kind", b"kind", "step", b"step", "time", b"time", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
+
+@_typing.final
+class ListTrainingMetricsResponse(_message.Message):
+    """Response of ListTrainingMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """The page of points, by step then kind."""
+
+    def __init__(
+        self,
+        *,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingMetricsResponse: _TypeAlias = ListTrainingMetricsResponse  # noqa: Y015

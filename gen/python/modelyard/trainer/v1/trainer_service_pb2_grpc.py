@@ -65,6 +65,11 @@ class TrainerServiceStub:
                 request_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetRequest.SerializeToString,
                 response_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListTrainingMetrics = channel.unary_unary(
+                '/modelyard.trainer.v1.TrainerService/ListTrainingMetrics',
+                request_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.SerializeToString,
+                response_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -114,6 +119,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTrainingMetrics(self, request, context):
+        """Lists every logged step's metrics of a job (training and evaluation),
+        oldest step first: the job's metric history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ValidateDataset,
                     request_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetRequest.FromString,
                     response_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetResponse.SerializeToString,
+            ),
+            'ListTrainingMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingMetrics,
+                    request_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.FromString,
+                    response_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class TrainerService:
             '/modelyard.trainer.v1.TrainerService/ValidateDataset',
             modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetRequest.SerializeToString,
             modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ValidateDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.trainer.v1.TrainerService/ListTrainingMetrics',
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.SerializeToString,
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class TrainerServiceStub:
     """
     ValidateDataset: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ValidateDatasetRequest, _trainer_service_pb2.ValidateDatasetResponse]
     """Checks a dataset for a method without training (dry run)."""
+    ListTrainingMetrics: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingMetricsRequest, _trainer_service_pb2.ListTrainingMetricsResponse]
+    """Lists every logged step's metrics of a job (training and evaluation),
+    oldest step first: the job's metric history.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -67,6 +71,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     ValidateDataset: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ValidateDatasetRequest, _trainer_service_pb2.ValidateDatasetResponse]  # type: ignore[assignment]
     """Checks a dataset for a method without training (dry run)."""
+    ListTrainingMetrics: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingMetricsRequest, _trainer_service_pb2.ListTrainingMetricsResponse]  # type: ignore[assignment]
+    """Lists every logged step's metrics of a job (training and evaluation),
+    oldest step first: the job's metric history.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Fine-tuning jobs: a catalog model and a dataset in, a catalog model out."""
@@ -120,5 +128,15 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.ValidateDatasetResponse, _abc.Awaitable[_trainer_service_pb2.ValidateDatasetResponse]]:
         """Checks a dataset for a method without training (dry run)."""
+
+    @_abc_1.abstractmethod
+    def ListTrainingMetrics(
+        self,
+        request: _trainer_service_pb2.ListTrainingMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ListTrainingMetricsResponse, _abc.Awaitable[_trainer_service_pb2.ListTrainingMetricsResponse]]:
+        """Lists every logged step's metrics of a job (training and evaluation),
+        oldest step first: the job's metric history.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
