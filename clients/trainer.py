@@ -167,6 +167,18 @@ class _Requests:
             request.max_seq_length = max_seq_length
         return request
 
+    @staticmethod
+    def export(
+        model: str, quantization: str, output_model_id: str, validate_only: bool
+    ) -> pb.ExportModelRequest:
+        return pb.ExportModelRequest(
+            model=model_name(model),
+            format=pb.EXPORT_FORMAT_GGUF,
+            quantization=quantization,
+            output_model_id=output_model_id,
+            validate_only=validate_only,
+        )
+
 
 class TrainerClient(SyncClient):
     """Blocking client of the trainer.
@@ -262,6 +274,35 @@ class TrainerClient(SyncClient):
         request = _Requests.validate(dataset, method, base_model, max_seq_length)
         return self.call("ValidateDataset", request, timeout=timeout)
 
+    def merge_adapter(
+        self,
+        adapter: str,
+        *,
+        output_model_id: str = "",
+        validate_only: bool = False,
+        timeout: float | None = 3600.0,
+    ) -> str:
+        """Merge a LoRA adapter into its base and register the result (parent = the adapter);
+        returns the merged model's name ("" when `validate_only`)."""
+        request = pb.MergeAdapterRequest(
+            adapter=model_name(adapter), output_model_id=output_model_id, validate_only=validate_only
+        )
+        return self.call("MergeAdapter", request, lambda r: r.model, timeout=timeout)
+
+    def export_model(
+        self,
+        model: str,
+        *,
+        quantization: str = "f16",
+        output_model_id: str = "",
+        validate_only: bool = False,
+        timeout: float | None = 3600.0,
+    ) -> str:
+        """Export a model to GGUF (llama.cpp's converter and quantizer) and register the file
+        (parent = the model); returns the exported model's name ("" when `validate_only`)."""
+        request = _Requests.export(model, quantization, output_model_id, validate_only)
+        return self.call("ExportModel", request, lambda r: r.model, timeout=timeout)
+
 
 class AsyncTrainerClient(AsyncClient):
     """asyncio client of the trainer (same methods as `TrainerClient`, awaited)."""
@@ -353,3 +394,30 @@ class AsyncTrainerClient(AsyncClient):
         """Check a dataset for a method without training (issues by row)."""
         request = _Requests.validate(dataset, method, base_model, max_seq_length)
         return await self.call("ValidateDataset", request, timeout=timeout)
+
+    async def merge_adapter(
+        self,
+        adapter: str,
+        *,
+        output_model_id: str = "",
+        validate_only: bool = False,
+        timeout: float | None = 3600.0,
+    ) -> str:
+        """Merge a LoRA adapter into its base and register the result; returns its name."""
+        request = pb.MergeAdapterRequest(
+            adapter=model_name(adapter), output_model_id=output_model_id, validate_only=validate_only
+        )
+        return await self.call("MergeAdapter", request, lambda r: r.model, timeout=timeout)
+
+    async def export_model(
+        self,
+        model: str,
+        *,
+        quantization: str = "f16",
+        output_model_id: str = "",
+        validate_only: bool = False,
+        timeout: float | None = 3600.0,
+    ) -> str:
+        """Export a model to GGUF and register the file; returns the exported model's name."""
+        request = _Requests.export(model, quantization, output_model_id, validate_only)
+        return await self.call("ExportModel", request, lambda r: r.model, timeout=timeout)

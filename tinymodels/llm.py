@@ -195,6 +195,7 @@ def build_llm(
     tie_word_embeddings: bool = False,
     dtype: str = "float32",
     separate_chat_template_file: bool = False,
+    tokenizer_style: str = "byte_level",
 ) -> Path:
     """Build a tiny real causal LM with random weights and save it to ``out_dir``.
 
@@ -222,13 +223,15 @@ def build_llm(
         tie_word_embeddings: share the LM head with the embeddings (always true for GPT-2).
         dtype: saved dtype name (``torch`` attribute name).
         separate_chat_template_file: write the template to ``chat_template.jinja``.
+        tokenizer_style: ``"byte_level"`` (GPT-2 style) or ``"llama"`` (byte-fallback BPE,
+            which llama.cpp's GGUF converter reads: use it for models that are exported to GGUF).
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(vocab_size=vocab_size, seed=seed)
+    tokenizer = make_tokenizer(vocab_size=vocab_size, seed=seed, style=tokenizer_style)
     model = make_llm(
         arch,
         seed=seed,

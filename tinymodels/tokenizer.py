@@ -26,7 +26,7 @@ import json
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -215,11 +215,53 @@ def train_backend_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
     return tokenizer
 
 
-def make_tokenizer(vocab_size: int = 512, seed: int = 0):
-    """Return an in-memory ``PreTrainedTokenizerFast`` (trained + chat template)."""
+def train_llama_backend_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
+    """Train a Llama-style tokenizer: BPE over ``▁``-marked words with byte fallback.
+
+    The shape of Llama 2's and Mistral's ``tokenizer.json`` (a ``▁`` prepended and spaces
+    replaced by ``▁``, ``<0x00>``..``<0xFF>`` byte tokens after the special tokens, a
+    ``Sequence`` decoder), which llama.cpp's converter turns into a ``llama`` (SentencePiece)
+    GGUF vocabulary without knowing the tokenizer in advance; the byte-level one needs its
+    pre-tokenizer registered in the converter.
+    """
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    if vocab_size < len(byte_tokens) + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {len(byte_tokens) + len(SPECIAL_TOKENS)}")
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # Words are split only while training (merges stay inside a word), as SentencePiece does.
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[*SPECIAL_TOKENS, *byte_tokens],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(build_corpus(seed=seed), trainer=trainer)
+    tokenizer.pre_tokenizer = None
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise RuntimeError(f"special token {token!r} did not get id {token_id}")
+    return tokenizer
+
+
+def make_tokenizer(vocab_size: int = 512, seed: int = 0, style: str = "byte_level"):
+    """Return an in-memory ``PreTrainedTokenizerFast`` (trained + chat template).
+
+    ``style`` is ``"byte_level"`` (GPT-2 style, the default) or ``"llama"``
+    (:func:`train_llama_backend_tokenizer`: what llama.cpp's GGUF converter reads as is).
+    """
     from transformers import PreTrainedTokenizerFast
 
-    backend = train_backend_tokenizer(vocab_size=vocab_size, seed=seed)
+    if style == "llama":
+        backend = train_llama_backend_tokenizer(vocab_size=vocab_size, seed=seed)
+    elif style == "byte_level":
+        backend = train_backend_tokenizer(vocab_size=vocab_size, seed=seed)
+    else:
+        raise ValueError(f"unknown tokenizer style {style!r}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,

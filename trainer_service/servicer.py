@@ -8,14 +8,17 @@ from grpc import aio
 
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
 from modelyard.trainer.v1 import trainer_service_pb2_grpc
+from trainer_service.artifacts.service import ArtifactManager
 from trainer_service.manager import JobManager, format_value
 
 
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
-    """`modelyard.trainer.v1.TrainerService` over a `JobManager`."""
+    """`modelyard.trainer.v1.TrainerService` over a `JobManager` (jobs) and an
+    `ArtifactManager` (merges and exports)."""
 
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, artifacts: ArtifactManager | None = None) -> None:
         self.manager = manager
+        self.artifacts = artifacts or ArtifactManager(manager.catalog, manager.config.data_dir)
 
     async def CreateTrainingJob(
         self, request: pb.CreateTrainingJobRequest, context: aio.ServicerContext
@@ -71,3 +74,23 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             request.parent, page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListTrainingMetricsResponse(points=points, next_page_token=token)
+
+    async def MergeAdapter(
+        self, request: pb.MergeAdapterRequest, context: aio.ServicerContext
+    ) -> pb.MergeAdapterResponse:
+        model = await self.artifacts.merge_adapter(
+            request.adapter, request.output_model_id, validate_only=request.validate_only
+        )
+        return pb.MergeAdapterResponse(model=model)
+
+    async def ExportModel(
+        self, request: pb.ExportModelRequest, context: aio.ServicerContext
+    ) -> pb.ExportModelResponse:
+        model = await self.artifacts.export_model(
+            request.model,
+            request.format,
+            request.quantization,
+            request.output_model_id,
+            validate_only=request.validate_only,
+        )
+        return pb.ExportModelResponse(model=model)

@@ -1,4 +1,5 @@
-"""`modelyard models ...`: import, list, show, validate, delete, lineage, types."""
+"""`modelyard models ...`: import, list, show, validate, delete, lineage, types (merge and export
+are in `artifacts`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from itertools import islice
 import grpc
 
 from clients.catalog import CatalogClient, model_name
+from clients.commands import artifacts
 from clients.commands.common import (
     CATALOG,
     HelpFormatter,
@@ -156,6 +158,8 @@ def register(sub: Subparsers) -> None:
     target.add_argument("model", metavar="MODEL", nargs="?", help="model id or models/ID")
     target.add_argument("--path", help="a local folder or file instead of a catalog model")
     types.set_defaults(func=detect_types)
+
+    artifacts.register(commands)  # merge, export: on a trainer
 
 
 # ---- import ---------------------------------------------------------------------------------------

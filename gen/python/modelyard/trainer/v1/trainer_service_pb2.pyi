@@ -259,6 +259,26 @@ METRIC_KIND_EVAL: MetricKind.ValueType  # 2
 """An evaluation (eval_loss, eval_perplexity, task metrics)."""
 Global___MetricKind: _TypeAlias = MetricKind  # noqa: Y015
 
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    """Not set: GGUF."""
+    EXPORT_FORMAT_GGUF: _ExportFormat.ValueType  # 1
+    """A GGUF file (llama.cpp, Ollama)."""
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
+    """Format of an export."""
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+"""Not set: GGUF."""
+EXPORT_FORMAT_GGUF: ExportFormat.ValueType  # 1
+"""A GGUF file (llama.cpp, Ollama)."""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
+
 @_typing.final
 class TrainingJob(_message.Message):
     """A fine-tuning job."""
@@ -1289,3 +1309,122 @@ class ListTrainingMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTrainingMetricsResponse: _TypeAlias = ListTrainingMetricsResponse  # noqa: Y015
+
+@_typing.final
+class MergeAdapterRequest(_message.Message):
+    """Request of MergeAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODEL_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    adapter: _builtins.str
+    """The LoRA adapter, `models/{model}`; its base is the adapter's base model
+    in the catalog.
+    """
+    output_model_id: _builtins.str
+    """Id of the merged model to register; default `{adapter}-merged`."""
+    validate_only: _builtins.bool
+    """Check only: nothing is merged or registered."""
+    def __init__(
+        self,
+        *,
+        adapter: _builtins.str = ...,
+        output_model_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "output_model_id", b"output_model_id", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAdapterRequest: _TypeAlias = MergeAdapterRequest  # noqa: Y015
+
+@_typing.final
+class MergeAdapterResponse(_message.Message):
+    """Response of MergeAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The merged model, `models/{model}`; empty when validate_only."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAdapterResponse: _TypeAlias = MergeAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ExportModelRequest(_message.Message):
+    """Request of ExportModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODEL_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model to export, `models/{model}` (safetensors weights; an adapter is
+    merged first with MergeAdapter).
+    """
+    format: Global___ExportFormat.ValueType
+    """Output format (GGUF)."""
+    quantization: _builtins.str
+    """llama.cpp's name of the file type: `f16` (default), `f32`, `bf16`, `q8_0`,
+    `q4_k_m`, or any other type llama.cpp's quantizer offers (`q4_0`,
+    `q5_k_m`, `q6_k`, ...).
+    """
+    output_model_id: _builtins.str
+    """Id of the exported model to register; default `{model}-{quantization}`."""
+    validate_only: _builtins.bool
+    """Check only: nothing is converted or registered."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        format: Global___ExportFormat.ValueType = ...,
+        quantization: _builtins.str = ...,
+        output_model_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "model", b"model", "output_model_id", b"output_model_id", "quantization", b"quantization", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelRequest: _TypeAlias = ExportModelRequest  # noqa: Y015
+
+@_typing.final
+class ExportModelResponse(_message.Message):
+    """Response of ExportModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The exported model, `models/{model}`; empty when validate_only."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelResponse: _TypeAlias = ExportModelResponse  # noqa: Y015

@@ -70,6 +70,16 @@ class TrainerServiceStub:
                 request_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.SerializeToString,
                 response_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/modelyard.trainer.v1.TrainerService/MergeAdapter',
+                request_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterResponse.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_unary(
+                '/modelyard.trainer.v1.TrainerService/ExportModel',
+                request_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -127,6 +137,26 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapter(self, request, context):
+        """Merges a LoRA adapter into its base model (peft `merge_and_unload`) and
+        registers the merged model in the catalog with parent = the adapter.
+        Checked before any work: the adapter and its base are READY, and llama.cpp's
+        converter knows the architecture. Runs to the end before it answers (give
+        it a long deadline for large models).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """Exports a model to GGUF with llama.cpp's own converter and quantizer and
+        registers the file in the catalog with parent = the source model. Checked
+        before any work like MergeAdapter; runs to the end before it answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +194,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListTrainingMetrics,
                     request_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.FromString,
                     response_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelRequest.FromString,
+                    response_serializer=modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +396,60 @@ class TrainerService:
             '/modelyard.trainer.v1.TrainerService/ListTrainingMetrics',
             modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsRequest.SerializeToString,
             modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.trainer.v1.TrainerService/MergeAdapter',
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterRequest.SerializeToString,
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.MergeAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelyard.trainer.v1.TrainerService/ExportModel',
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelRequest.SerializeToString,
+            modelyard_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

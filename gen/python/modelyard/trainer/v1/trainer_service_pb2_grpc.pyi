@@ -51,6 +51,18 @@ class TrainerServiceStub:
     """Lists every logged step's metrics of a job (training and evaluation),
     oldest step first: the job's metric history.
     """
+    MergeAdapter: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.MergeAdapterRequest, _trainer_service_pb2.MergeAdapterResponse]
+    """Merges a LoRA adapter into its base model (peft `merge_and_unload`) and
+    registers the merged model in the catalog with parent = the adapter.
+    Checked before any work: the adapter and its base are READY, and llama.cpp's
+    converter knows the architecture. Runs to the end before it answers (give
+    it a long deadline for large models).
+    """
+    ExportModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ExportModelRequest, _trainer_service_pb2.ExportModelResponse]
+    """Exports a model to GGUF with llama.cpp's own converter and quantizer and
+    registers the file in the catalog with parent = the source model. Checked
+    before any work like MergeAdapter; runs to the end before it answers.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -74,6 +86,18 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     ListTrainingMetrics: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingMetricsRequest, _trainer_service_pb2.ListTrainingMetricsResponse]  # type: ignore[assignment]
     """Lists every logged step's metrics of a job (training and evaluation),
     oldest step first: the job's metric history.
+    """
+    MergeAdapter: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.MergeAdapterRequest, _trainer_service_pb2.MergeAdapterResponse]  # type: ignore[assignment]
+    """Merges a LoRA adapter into its base model (peft `merge_and_unload`) and
+    registers the merged model in the catalog with parent = the adapter.
+    Checked before any work: the adapter and its base are READY, and llama.cpp's
+    converter knows the architecture. Runs to the end before it answers (give
+    it a long deadline for large models).
+    """
+    ExportModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ExportModelRequest, _trainer_service_pb2.ExportModelResponse]  # type: ignore[assignment]
+    """Exports a model to GGUF with llama.cpp's own converter and quantizer and
+    registers the file in the catalog with parent = the source model. Checked
+    before any work like MergeAdapter; runs to the end before it answers.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +161,30 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_service_pb2.ListTrainingMetricsResponse, _abc.Awaitable[_trainer_service_pb2.ListTrainingMetricsResponse]]:
         """Lists every logged step's metrics of a job (training and evaluation),
         oldest step first: the job's metric history.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeAdapter(
+        self,
+        request: _trainer_service_pb2.MergeAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.MergeAdapterResponse, _abc.Awaitable[_trainer_service_pb2.MergeAdapterResponse]]:
+        """Merges a LoRA adapter into its base model (peft `merge_and_unload`) and
+        registers the merged model in the catalog with parent = the adapter.
+        Checked before any work: the adapter and its base are READY, and llama.cpp's
+        converter knows the architecture. Runs to the end before it answers (give
+        it a long deadline for large models).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _trainer_service_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ExportModelResponse, _abc.Awaitable[_trainer_service_pb2.ExportModelResponse]]:
+        """Exports a model to GGUF with llama.cpp's own converter and quantizer and
+        registers the file in the catalog with parent = the source model. Checked
+        before any work like MergeAdapter; runs to the end before it answers.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
