@@ -30,7 +30,7 @@ TERMINAL_STATES = frozenset(
 )
 
 MethodLike: TypeAlias = int | str
-"""A `TrainingMethod` value or its short name (`"lora"`, `"qlora"`, `"full"`, `"dpo"`)."""
+"""A `TrainingMethod` value or its short name (`"lora"`, `"qlora"`, `"full"`, `"dpo"`, `"orpo"`, ...)."""
 FormatLike: TypeAlias = int | str
 """A `DatasetFormat` value or its short name (`"text"`, `"prompt_completion"`, `"chat"`, `"preference"`)."""
 
@@ -56,10 +56,34 @@ class HyperparameterOptions(TypedDict, total=False):
     lora_alpha: float | None
     lora_dropout: float | None
     lora_target_modules: Sequence[str] | None
+    grpo_reward_functions: Sequence[str] | None
+    grpo_reward_model: str | None
+    grpo_num_generations: int | None
+    grpo_max_completion_length: int | None
+    grpo_temperature: float | None
 
 
-HYPERPARAMETER_FIELDS = frozenset(f.name for f in pb.Hyperparameters.DESCRIPTOR.fields) - {"lora"}
+TaskLike: TypeAlias = int | str
+"""A `TrainingTask` value or its short name (`"summarization"`, `"question_answering"`)."""
+
+
+def training_task(task: TaskLike) -> pb.TrainingTask.ValueType:
+    """`"summarization"`, `"question_answering"`, "" or the enum value -> the enum value."""
+    if isinstance(task, int):
+        return pb.TrainingTask.ValueType(task)
+    key = task.strip().upper().replace("-", "_").removeprefix("TRAINING_TASK_")
+    if not key:
+        return pb.TRAINING_TASK_UNSPECIFIED
+    try:
+        return pb.TrainingTask.Value(f"TRAINING_TASK_{key}")
+    except ValueError:
+        known = [name.removeprefix("TRAINING_TASK_").lower() for name in pb.TrainingTask.keys()[1:]]
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(known)}") from None
+
+
+HYPERPARAMETER_FIELDS = frozenset(f.name for f in pb.Hyperparameters.DESCRIPTOR.fields) - {"lora", "grpo"}
 LORA_FIELDS = frozenset(f.name for f in pb.LoraParams.DESCRIPTOR.fields)
+GRPO_FIELDS = frozenset(f.name for f in pb.GrpoParams.DESCRIPTOR.fields)
 
 
 def job_name(job: str) -> str:
@@ -95,7 +119,7 @@ def hyperparameters(base: pb.Hyperparameters | None = None, **options: Any) -> p
     """`Hyperparameters` from `base` (copied) with the non-None `options` set on top.
 
     `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules` set the
-    `lora` sub-message. Raises TypeError for an unknown name.
+    `lora` sub-message, `grpo_*` the `grpo` one. Raises TypeError for an unknown name.
     """
     params = pb.Hyperparameters()
     if base is not None:
@@ -108,13 +132,16 @@ def hyperparameters(base: pb.Hyperparameters | None = None, **options: Any) -> p
         elif key.startswith("lora_") and lora_key in LORA_FIELDS:
             target = params.lora
             field = lora_key
+        elif key.startswith("grpo_") and key.removeprefix("grpo_") in GRPO_FIELDS:
+            target = params.grpo
+            field = key.removeprefix("grpo_")
         else:
             raise TypeError(f"unknown hyperparameter {key!r}")
         if value is None:
             continue
-        if field == "target_modules":
-            del target.target_modules[:]
-            target.target_modules.extend(value)
+        if field in ("target_modules", "reward_functions"):
+            del getattr(target, field)[:]
+            getattr(target, field).extend(value)
         else:
             setattr(target, field, value)
     return params
@@ -143,6 +170,7 @@ class _Requests:
         dataset_format_: FormatLike,
         validate_only: bool,
         options: Mapping[str, Any],
+        task: TaskLike = 0,
     ) -> pb.CreateTrainingJobRequest:
         job = pb.TrainingJob(
             base_model=model_name(base_model),
@@ -151,6 +179,7 @@ class _Requests:
             hyperparameters=hyperparameters(hyperparameters_, **options),
             output_model_id=output_model_id,
             labels=dict(labels or {}),
+            task=training_task(task),
         )
         return pb.CreateTrainingJobRequest(job_id=job_id, job=job, validate_only=validate_only)
 
@@ -207,13 +236,14 @@ class TrainerClient(SyncClient):
         dataset_format: FormatLike = pb.DATASET_FORMAT_UNSPECIFIED,
         validate_only: bool = False,
         timeout: float | None = None,
+        task: TaskLike = pb.TRAINING_TASK_UNSPECIFIED,
         **options: Unpack[HyperparameterOptions],
     ) -> pb.TrainingJob:
         """Validate and queue a job that fine-tunes `base_model` on `dataset`; returns the QUEUED job."""
         request = _Requests.create(
             base_model, dataset, method=method, hyperparameters_=hyperparameters,
             output_model_id=output_model_id, job_id=job_id, labels=labels,
-            dataset_format_=dataset_format, validate_only=validate_only, options=options,
+            dataset_format_=dataset_format, validate_only=validate_only, options=options, task=task,
         )  # fmt: skip
         return self.call("CreateTrainingJob", request, lambda r: r.job, timeout=timeout)
 
@@ -234,6 +264,25 @@ class TrainerClient(SyncClient):
         while True:
             page = self.list_training_jobs_page(filter=filter, page_size=page_size, page_token=token)
             yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_training_metrics_page(
+        self, job: str, *, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListTrainingMetricsResponse:
+        """One page of a job's metric history (every logged step and evaluation), by step."""
+        request = pb.ListTrainingMetricsRequest(
+            parent=job_name(job), page_size=page_size, page_token=page_token
+        )
+        return self.call("ListTrainingMetrics", request)
+
+    def list_training_metrics(self, job: str, *, page_size: int = 0) -> Iterator[pb.MetricPoint]:
+        """Iterate over a job's whole metric history, page by page."""
+        token = ""
+        while True:
+            page = self.list_training_metrics_page(job, page_size=page_size, page_token=token)
+            yield from page.points
             token = page.next_page_token
             if not token:
                 return
@@ -323,13 +372,14 @@ class AsyncTrainerClient(AsyncClient):
         dataset_format: FormatLike = pb.DATASET_FORMAT_UNSPECIFIED,
         validate_only: bool = False,
         timeout: float | None = None,
+        task: TaskLike = pb.TRAINING_TASK_UNSPECIFIED,
         **options: Unpack[HyperparameterOptions],
     ) -> pb.TrainingJob:
         """Validate and queue a job that fine-tunes `base_model` on `dataset`; returns the QUEUED job."""
         request = _Requests.create(
             base_model, dataset, method=method, hyperparameters_=hyperparameters,
             output_model_id=output_model_id, job_id=job_id, labels=labels,
-            dataset_format_=dataset_format, validate_only=validate_only, options=options,
+            dataset_format_=dataset_format, validate_only=validate_only, options=options, task=task,
         )  # fmt: skip
         return await self.call("CreateTrainingJob", request, lambda r: r.job, timeout=timeout)
 
@@ -355,6 +405,26 @@ class AsyncTrainerClient(AsyncClient):
             page = await self.list_training_jobs_page(filter=filter, page_size=page_size, page_token=token)
             for job in page.jobs:
                 yield job
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_training_metrics_page(
+        self, job: str, *, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListTrainingMetricsResponse:
+        """One page of a job's metric history, by step."""
+        request = pb.ListTrainingMetricsRequest(
+            parent=job_name(job), page_size=page_size, page_token=page_token
+        )
+        return await self.call("ListTrainingMetrics", request)
+
+    async def list_training_metrics(self, job: str, *, page_size: int = 0) -> AsyncIterator[pb.MetricPoint]:
+        """Iterate over a job's whole metric history, page by page."""
+        token = ""
+        while True:
+            page = await self.list_training_metrics_page(job, page_size=page_size, page_token=token)
+            for point in page.points:
+                yield point
             token = page.next_page_token
             if not token:
                 return

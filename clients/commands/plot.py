@@ -1,18 +1,17 @@
-"""Loss history of a training job, and the PNG `modelyard jobs plot` writes.
+"""Loss history of a training job, and the plots `modelyard jobs plot` draws.
 
-The trainer's API reports the *latest* progress of a job (`TrainingJob.progress`)
-and streams every logged step and evaluation while the job runs
-(`WatchTrainingJob`). The history a plot needs is therefore gathered from:
+The trainer keeps every logged step's metrics with the job
+(`ListTrainingMetrics`), so the history comes from the server, from any
+machine. Added to it (they matter for trainers that keep no history):
 
 1. the events this CLI saw: `modelyard train --watch`, `jobs watch` and
    `jobs plot` record each logged loss and eval loss under
    `$MODELYARD_DATA_DIR/cli/job-history/{job}.jsonl` (default `~/.modelyard`);
 2. the job's checkpoint folder when this machine can read it: its
-   `trainer_state.json` holds transformers' `log_history` (every logged loss
-   and eval loss up to that checkpoint);
-3. a job still running is followed until it ends (unless `--no-follow`).
+   `trainer_state.json` holds transformers' `log_history`.
 
-The PNG is drawn with matplotlib when it is installed, else with Pillow.
+The plot is drawn in the terminal (`render_terminal`) by default; a PNG with
+matplotlib when it is installed, else with Pillow.
 """
 
 from __future__ import annotations
@@ -155,11 +154,9 @@ def load_trainer_state(checkpoint_path: str) -> LossHistory:
 
 def render_png(history: LossHistory, path: Path, title: str) -> str:
     """Draw the loss curves into `path`; returns the library used (`matplotlib` or `pillow`)."""
-    try:
-        import matplotlib
-    except ImportError:
-        matplotlib = None
-    if matplotlib is not None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
         _render_matplotlib(history, path, title)
         return "matplotlib"
     try:
@@ -253,3 +250,54 @@ def _render_pillow(history: LossHistory, path: Path, title: str) -> None:
         draw.line([(legend_x, y + 6), (legend_x + 20, y + 6)], fill=color, width=3)
         draw.text((legend_x + 26, y), label, fill="black")
     image.save(path, format="PNG")
+
+
+def history_from_points(points: Iterable[trainer_pb.MetricPoint]) -> LossHistory:
+    """The loss and eval loss of a job's metric history (`ListTrainingMetrics` points)."""
+    history = LossHistory()
+    for point in points:
+        values = point.values
+        if point.kind == trainer_pb.METRIC_KIND_TRAIN and "loss" in values:
+            history.add(point.step, loss=values["loss"])
+        elif point.kind == trainer_pb.METRIC_KIND_EVAL and "eval_loss" in values:
+            history.add(point.step, eval_loss=values["eval_loss"])
+    return history
+
+
+def render_terminal(history: LossHistory, title: str, width: int = 64, height: int = 16) -> str:
+    """The loss curves as text: `*` training loss, `o` eval loss, on a step x loss grid."""
+    steps = [*history.loss, *history.eval_loss]
+    values = [*history.loss.values(), *history.eval_loss.values()]
+    x_min, x_max = min(steps), max(steps)
+    y_min, y_max = min(values), max(values)
+    if y_max == y_min:
+        y_min, y_max = y_min - 0.5, y_max + 0.5
+    grid = [[" "] * width for _ in range(height)]
+
+    def put(step: int, value: float, mark: str) -> None:
+        x = 0 if x_max == x_min else round((step - x_min) / (x_max - x_min) * (width - 1))
+        y = round((y_max - value) / (y_max - y_min) * (height - 1))
+        grid[y][x] = mark
+
+    for step, value in history.loss.items():
+        put(step, value, "*")
+    for step, value in history.eval_loss.items():
+        put(step, value, "o")
+    label_width = max(len(f"{y_max:.4g}"), len(f"{y_min:.4g}"))
+    lines = [title]
+    for row, cells in enumerate(grid):
+        label = f"{y_max:.4g}" if row == 0 else f"{y_min:.4g}" if row == height - 1 else ""
+        lines.append(f"{label:>{label_width}} |" + "".join(cells).rstrip())
+    lines.append(" " * label_width + " +" + "-" * width)
+    left, right = f"step {x_min}", f"{x_max}"
+    lines.append(" " * (label_width + 2) + left + right.rjust(width - len(left)))
+    legend = []
+    if history.loss:
+        legend.append(
+            f"* training loss ({len(history.loss)} points, last {history.loss[max(history.loss)]:.4g})"
+        )
+    if history.eval_loss:
+        last_eval = history.eval_loss[max(history.eval_loss)]
+        legend.append(f"o eval loss ({len(history.eval_loss)} points, last {last_eval:.4g})")
+    lines.append("   ".join(legend))
+    return "\n".join(lines)

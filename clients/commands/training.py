@@ -8,6 +8,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+import grpc
+
 from clients.commands.common import (
     TRAINER,
     HelpFormatter,
@@ -18,8 +20,15 @@ from clients.commands.common import (
     parse_labels,
     trainer_client,
 )
-from clients.commands.plot import HistoryRecorder, load_trainer_state, render_png
+from clients.commands.plot import (
+    HistoryRecorder,
+    history_from_points,
+    load_trainer_state,
+    render_png,
+    render_terminal,
+)
 from clients.commands.views import JOB_HEADERS, event_line, job_block, job_rows, job_state, progress_text
+from clients.errors import ModelyardRpcError
 from clients.output import StatusLine, print_json, print_json_line, table
 from clients.trainer import TERMINAL_STATES, TrainerClient, job_name
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
@@ -28,8 +37,19 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 
-METHODS = ["lora", "qlora", "full", "dpo"]
-FORMATS = ["text", "prompt_completion", "chat", "preference"]
+METHODS = ["lora", "qlora", "full", "dpo", "orpo", "kto", "reward", "grpo"]
+FORMATS = [
+    "text",
+    "prompt_completion",
+    "chat",
+    "preference",
+    "alpaca",
+    "sharegpt",
+    "unpaired_preference",
+    "prompt_only",
+]
+TASKS = ["summarization", "question_answering"]
+REWARD_FUNCTIONS = ["answer_match", "repetition_penalty", "think_format", "length"]
 
 
 def register(sub: Subparsers) -> None:
@@ -53,7 +73,16 @@ def register(sub: Subparsers) -> None:
             "examples:\n"
             "  modelyard train tiny-llama ./chat.jsonl --method lora --max-steps 50 --watch\n"
             "  modelyard train tiny-llama --dataset ./pairs.jsonl --method dpo --epochs 2 \\\n"
-            "      --output-name tiny-dpo"
+            "      --output-name tiny-dpo\n"
+            "  modelyard train tiny-llama ./alpaca.json --task summarization   # ROUGE on the eval split\n"
+            "  modelyard train tiny-llama ./pairs.jsonl --method reward --output-name tiny-rm\n"
+            "  modelyard train tiny-llama ./prompts.jsonl --method grpo --reward-model tiny-rm \\\n"
+            "      --reward-function answer_match --num-generations 4\n\n"
+            "methods: lora, qlora (CUDA), full and dpo, orpo, kto (unpaired rows: prompt, completion,\n"
+            "label), reward (a reward model from preference pairs), grpo (RLHF on prompt-only rows).\n"
+            "formats (detected): text, prompt/completion, chat (messages), preference, Alpaca\n"
+            "(instruction/input/output), ShareGPT (conversations of from/value), unpaired preference,\n"
+            "prompt only."
         ),
     )
     train.add_argument("base_model", metavar="BASE_MODEL", help="catalog model to fine-tune")
@@ -66,7 +95,24 @@ def register(sub: Subparsers) -> None:
     train.add_argument("--learning-rate", type=float, help="peak learning rate")
     train.add_argument("--batch-size", type=int, help="per-device batch size")
     train.add_argument("--max-seq-length", type=int, help="longest tokenized row")
-    train.add_argument("--eval-split", type=float, help="fraction of rows held out for evaluation")
+    train.add_argument(
+        "--eval-split",
+        type=float,
+        help="fraction of rows held out for evaluation (default 0.1, at most 1000 rows; 0: none)",
+    )
+    train.add_argument(
+        "--task", choices=TASKS, help="evaluate for a task: ROUGE (summarization), exact match/F1 (QA)"
+    )
+    train.add_argument(
+        "--reward-function",
+        action="append",
+        default=[],
+        choices=REWARD_FUNCTIONS,
+        help="grpo: a built-in reward function (repeatable; summed)",
+    )
+    train.add_argument("--reward-model", default="", help="grpo: a catalog reward model scoring completions")
+    train.add_argument("--num-generations", type=int, help="grpo: completions sampled per prompt (default 4)")
+    train.add_argument("--max-completion-length", type=int, help="grpo: longest completion (default 64)")
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--lora-r", type=int, help="LoRA rank")
     train.add_argument("--lora-alpha", type=float, help="LoRA alpha")
@@ -135,22 +181,20 @@ def register(sub: Subparsers) -> None:
     plot = commands.add_parser(
         "plot",
         parents=[options],
-        help="write a PNG of the loss curves",
+        help="plot the loss and eval curves",
         formatter_class=HelpFormatter,
         description=(
-            "Write a PNG of a job's training loss and eval loss by step. The points come from\n"
-            "what `train --watch`, `jobs watch` and `jobs plot` recorded while following the job\n"
-            "(under $MODELYARD_DATA_DIR/cli/job-history), and from the trainer_state.json of the\n"
-            "job's checkpoint when this machine can read it. A running job is followed until it\n"
-            "ends first (unless --no-follow). Uses matplotlib when installed, else Pillow.\n"
-            '--json prints {"output", "loss", "evalLoss"} with the plotted points.'
+            "Plot a job's training loss and eval loss by step, from the metric history the trainer\n"
+            "keeps with the job (ListTrainingMetrics), so it works from any machine. Draws in the\n"
+            "terminal by default; -o FILE.png writes a PNG (matplotlib when installed, else Pillow).\n"
+            "Points this CLI recorded while watching and the job's readable checkpoint are added\n"
+            "(older trainers keep no history). A running job is followed until it ends first with -o\n"
+            '(unless --no-follow). --json prints {"output", "loss", "evalLoss"} with the points.'
         ),
-        epilog="examples:\n  modelyard jobs plot my-job -o loss.png",
+        epilog="examples:\n  modelyard jobs plot my-job\n  modelyard jobs plot my-job -o loss.png",
     )
     plot.add_argument("job", metavar="JOB", help="job id or trainingJobs/ID")
-    plot.add_argument(
-        "-o", "--output", type=Path, default=Path("loss.png"), help="PNG to write (default loss.png)"
-    )
+    plot.add_argument("-o", "--output", type=Path, default=None, help="write a PNG here instead")
     plot.add_argument("--no-follow", action="store_true", help="plot what is known now, even if the job runs")
     plot.set_defaults(func=plot_job)
 
@@ -183,6 +227,11 @@ def create_job(args: argparse.Namespace) -> int:
             seed=args.seed,
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
+            task=args.task or "",
+            grpo_reward_functions=args.reward_function or None,
+            grpo_reward_model=args.reward_model or None,
+            grpo_num_generations=args.num_generations,
+            grpo_max_completion_length=args.max_completion_length,
         )
         response = pb.CreateTrainingJobResponse(job=job)
         if args.validate_only:
@@ -291,20 +340,32 @@ def plot_job(args: argparse.Namespace) -> int:
     name = job_name(args.job)
     with trainer_client(args) as client:
         job = client.get_training_job(name)
-        if job.state not in TERMINAL_STATES and not args.no_follow:
+        if job.state not in TERMINAL_STATES and not args.no_follow and args.output is not None:
             print(f"{name} is {job_state(job)}: following it until it ends", file=sys.stderr)
             job = follow(client, name, json_lines=False, quiet=True)
+        try:
+            server = history_from_points(client.list_training_metrics(name))
+        except ModelyardRpcError as error:
+            if error.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            server = None  # a trainer that keeps no history: what this machine knows
     recorder = HistoryRecorder(name)  # re-read: includes what was just followed
     history = recorder.history
     history.merge(load_trainer_state(job.checkpoint_path))
+    if server is not None:
+        history.merge(server)
     if not history:
         print(
-            f"error: no loss history for {name}: the trainer reports only the latest progress, "
-            "and this CLI did not watch the job while it ran (`modelyard jobs watch`) nor can it "
-            f"read its checkpoint ({job.checkpoint_path or 'none'})",
+            f"error: no loss history for {name} yet: the job has logged no step ({job_state(job)})",
             file=sys.stderr,
         )
         return EXIT_JOB_FAILED
+    if args.output is None:
+        if args.json:
+            print(json.dumps({"output": "", **history.as_json()}, indent=2))
+        else:
+            print(render_terminal(history, f"{name} ({job_state(job)})"))
+        return EXIT_OK
     try:
         render_png(history, args.output, f"{name} ({job_state(job)})")
     except RuntimeError as error:

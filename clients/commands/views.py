@@ -399,10 +399,22 @@ def job_block(job: trainer_pb.TrainingJob) -> str:
                     else "",
                 ),
                 (
+                    "rows",
+                    f"{job.train_row_count} train, {job.eval_row_count} eval" if job.train_row_count else "",
+                ),
+                (
+                    "task",
+                    enum_label(trainer_pb.TrainingTask.DESCRIPTOR, job.task).lower() if job.task else "",
+                ),
+                (
                     "output model",
                     job.output_model or (f"{job.output_model_id} (pending)" if job.output_model_id else ""),
                 ),
                 ("progress", progress_text(job) if job.HasField("progress") else ""),
+                (
+                    "eval metrics",
+                    ", ".join(f"{k} {number_text(v)}" for k, v in sorted(job.progress.eval_metrics.items())),
+                ),
                 ("created", _when(job, "create_time")),
                 ("started", _when(job, "start_time")),
                 ("ended", _when(job, "end_time")),
