@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-position-embeddings", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--separate-chat-template-file", action="store_true")
+    p.add_argument(
+        "--tokenizer-style",
+        choices=["byte_level", "llama"],
+        default="byte_level",
+        help="llama: byte-fallback BPE that llama.cpp's GGUF converter reads",
+    )
 
     p = sub.add_parser("lora", help="peft LoRA adapter for a model made by 'llm'")
     p.add_argument("base", type=Path)
@@ -122,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_position_embeddings=args.max_position_embeddings,
             dtype=args.dtype,
             separate_chat_template_file=args.separate_chat_template_file,
+            tokenizer_style=args.tokenizer_style,
         )
     elif kind == "lora":
         from tinymodels.llm import build_lora_adapter

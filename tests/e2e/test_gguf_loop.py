@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +201,58 @@ def test_refusals_come_before_any_work(suite: Suite) -> None:
             trainer.export_model("tiny-ft", validate_only=True)
         assert adapter.value.reason == "EXPORT_NEEDS_MERGE"
         assert catalog.get_model("tiny-llama").state == model_pb2.MODEL_STATE_READY
+
+
+# ---- docs/gguf.md: its commands, run as written against the same servers -------------------------
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "gguf.md"
+SKIP_MARK = "<!-- doc-test: skip"
+
+
+def guide_blocks(text: str) -> list[tuple[str, str | None]]:
+    """The guide's ```bash blocks not marked skip, each with the ```text block right after it."""
+    blocks = list(re.finditer(r"^```(\w*)\n(.*?)^```[ \t]*$", text, flags=re.S | re.M))
+    found: list[tuple[str, str | None]] = []
+    for index, block in enumerate(blocks):
+        if block.group(1) != "bash":
+            continue
+        before = text[: block.start()].rstrip().splitlines()
+        if before and before[-1].startswith(SKIP_MARK):
+            continue
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        between = text[block.end() : following.start()].strip() if following else ""
+        expected = following.group(2) if following and following.group(1) == "text" and not between else None
+        found.append((block.group(2), expected))
+    return found
+
+
+def test_the_guide_runs_as_written(suite: Suite) -> None:
+    workdir = suite.root / "guide"
+    workdir.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        MODELYARD_CATALOG_ADDRESS=suite.catalog.target,
+        MODELYARD_TRAINER_ADDRESS=suite.trainer.target,
+        MODELYARD_DATA_DIR=str(suite.root / "cli-home"),
+    )
+    blocks = guide_blocks(GUIDE.read_text(encoding="utf-8"))
+    assert len(blocks) >= 5
+    prelude = ""  # variables set by earlier blocks (GGUF=...) carry over to later ones
+    for code, expected in blocks:
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", prelude + code],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, (
+            f"{code}\n--- exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+        for line in (expected or "").splitlines():
+            assert line.strip() in result.stdout, f"{code}\n--- expected {line!r} in:\n{result.stdout}"
+        prelude += "".join(line + "\n" for line in code.splitlines() if re.match(r"^[A-Z_]+=", line))
