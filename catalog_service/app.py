@@ -15,6 +15,7 @@ from catalog_service.metrics import catalog_collector
 from catalog_service.servicer import CatalogServicer
 from catalog_service.settings import CatalogSettings
 from catalog_service.store import CatalogStore
+from catalog_service.warmup import warm_up
 from modelyard.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
 from server_kit.database import watch_database
 
@@ -34,9 +35,14 @@ class CatalogApp:
         self.catalog: Catalog | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._database_watch: asyncio.Task[None] | None = None
+        self._warmup: asyncio.Task[None] | None = None
+        self._warm = False
+        self._database_answers = True
         self._health: health.aio.HealthServicer | None = None
 
     async def start(self) -> None:
+        # The import flow's lazy imports load meanwhile; the service is ready once they have.
+        self._warmup = asyncio.create_task(self._warm_up(), name="warm-up-imports")
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         url = self.settings.resolved_database_url()
         await asyncio.to_thread(migrate, url)
@@ -56,23 +62,40 @@ class CatalogApp:
 
     def use_health(self, servicer: health.aio.HealthServicer) -> None:
         """The server's health servicer: the catalog service is NOT_SERVING while its
-        database does not answer (the server's own entry, ``""``, stays SERVING: the
-        process works, and restarting it would not bring the database back)."""
+        database does not answer, and until the import flow is warm (`warmup`: a few
+        seconds after start). The server's own entry, ``""``, stays SERVING: the process
+        works, and restarting it would not bring the database back."""
         self._health = servicer
+
+    async def _report_health(self) -> None:
+        if self._health is not None:
+            ready = self._warm and self._database_answers
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self._health.set(SERVICE_NAME, status)
 
     async def on_serving(self, port: int) -> None:
         self._sweeper = asyncio.create_task(self._sweep_workers(), name="sweep-workers")
         self._database_watch = asyncio.create_task(self._watch_database(), name="watch-database")
+        if not self._warm:
+            await self._report_health()
+
+    async def _warm_up(self) -> None:
+        """Pay the import flow's lazy imports now, not on the first ImportModel (`warmup`)."""
+        seconds = await asyncio.to_thread(warm_up)
+        log.info("import flow warmed up in %.1f s", seconds)
+        self._warm = True
+        await self._report_health()
 
     async def _watch_database(self) -> None:
         """The catalog service's health follows its database (`watch_database`)."""
 
         async def report(answers: bool) -> None:
-            if self._health is not None:
-                serving = health_pb2.HealthCheckResponse.SERVING
-                await self._health.set(
-                    SERVICE_NAME, serving if answers else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
+            self._database_answers = answers
+            await self._report_health()
 
         assert self.store is not None
         await watch_database(self.store.check, report, what="the catalog database")
@@ -92,10 +115,10 @@ class CatalogApp:
                 log.info("swept %d expired worker(s): %s", len(gone), ", ".join(gone))
 
     async def stop(self) -> None:
-        for task in (self._sweeper, self._database_watch):
+        for task in (self._sweeper, self._database_watch, self._warmup):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._sweeper = self._database_watch = None
+        self._sweeper = self._database_watch = self._warmup = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
