@@ -49,6 +49,8 @@ from clients.commands.common import (
     client_kwargs,
     options_parser,
 )
+from clients.commands.demo_gguf import DEFAULT_TYPE as DEFAULT_GGUF_TYPE
+from clients.commands.demo_gguf import gguf_step
 from clients.commands.plot import load_recorded
 from clients.commands.training import follow
 from clients.errors import ModelyardRpcError
@@ -141,7 +143,8 @@ def register(sub: Subparsers) -> None:
             "  4. train a LoRA adapter on a small bundled dataset (pirate-speak answers), which\n"
             "     registers the adapter in the catalog as a child of the model;\n"
             "  5. route the adapter to the inference worker and load model and adapter in vLLM;\n"
-            "  6. print the model's and the adapter's answers to the same prompts side by side.\n"
+            "  6. print the model's and the adapter's answers to the same prompts side by side;\n"
+            "  7. with --gguf: merge the adapter, export it to GGUF and chat with it on llama.cpp.\n"
             "The tiny model runs on any CPU in a few minutes; its text is gibberish, but every step is\n"
             "real. Child processes are stopped at the end, on errors and on Ctrl-C. Exit code 0 when\n"
             "every step worked, 1 when one failed, 3 when a given suite does not answer."
@@ -151,6 +154,7 @@ def register(sub: Subparsers) -> None:
             "  modelyard demo\n"
             "  modelyard demo --model Qwen/Qwen2.5-0.5B-Instruct      # a real model (hub or HF cache)\n"
             "  modelyard demo --keep                                   # leave the suite running after\n"
+            "  modelyard demo --gguf q4_k_m                            # and take it to llama.cpp\n"
             "  modelyard demo --catalog localhost:50051 --trainer localhost:50052 \\\n"
             "      --inference localhost:50053 --data-dir ~/.modelyard/demo   # a running suite\n\n"
             "With a running suite, --data-dir (default $MODELYARD_DATA_DIR/demo, i.e. ~/.modelyard/demo)\n"
@@ -186,6 +190,16 @@ def register(sub: Subparsers) -> None:
         help="inference engine of the suite the demo starts (default vllm)",
     )
     demo.add_argument(
+        "--gguf",
+        nargs="?",
+        const=DEFAULT_GGUF_TYPE,
+        default=None,
+        metavar="TYPE",
+        help="then merge the adapter, export it to GGUF (llama.cpp file type, default "
+        f"{DEFAULT_GGUF_TYPE}) and chat with it on llama.cpp; the suite the demo starts then uses "
+        "--engine auto (vLLM, transformers and llama.cpp)",
+    )
+    demo.add_argument(
         "--prompt",
         action="append",
         default=None,
@@ -208,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         print("modelyard demo: error: --steps must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.gguf:
+        args.engine = "auto"  # the GGUF file needs the suite's llama.cpp engine
     out = sys.stderr if args.json else sys.stdout
     demo = Demo(args, Narrator(out), use_running=bool(given))
     with _sigterm_as_exit():
@@ -500,6 +516,7 @@ class Outcome:
     worker_address: str = ""
     comparisons: list[Comparison] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    gguf_model: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """The JSON `--json` prints."""
@@ -515,7 +532,7 @@ class Outcome:
                 {"prompt": c.prompt, "base": c.base, "adapter": c.adapter} for c in self.comparisons
             ],
             "seconds": {k: round(v, 2) for k, v in self.timings.items()},
-        }
+        } | ({"ggufModel": self.gguf_model} if self.gguf_model else {})
 
 
 def printable(text: str) -> str:
@@ -572,7 +589,7 @@ class Demo:
     def run(self) -> int:
         """All steps; the suite is stopped on every way out unless `--keep` succeeded."""
         narrator = self.narrator
-        narrator.total = 6 if not self.hub_or_folder else 5
+        narrator.total = (6 if not self.hub_or_folder else 5) + (1 if self.args.gguf else 0)
         what = self.hub_or_folder or "a tiny Llama built on the spot"
         engine = "the suite's engine" if self.use_running else self.args.engine
         narrator.print(
@@ -619,6 +636,8 @@ class Demo:
             adapter = self._train(catalog, trainer, base)
             with self._serve(catalog, base, adapter) as llm:
                 self._compare(llm, base, adapter)
+            if self.args.gguf:
+                gguf_step(self, catalog, trainer, adapter)
 
     def _timed(self, key: str, since: float) -> float:
         elapsed = time.monotonic() - since
@@ -706,9 +725,16 @@ class Demo:
             "Builds a real Llama architecture with random weights (2 layers, hidden size 64, "
             "context 256, float32) and a byte-level BPE tokenizer with a ChatML chat template. "
             "Nothing is downloaded; the text it writes is gibberish, but every step below is real.",
-            [f"python -m tinymodels llm ./{TINY_MODEL_DIR} --arch llama --dtype float32"],
+            [
+                f"python -m tinymodels llm ./{TINY_MODEL_DIR} --arch llama --dtype float32"
+                + (" --tokenizer-style llama" if self.args.gguf else "")
+            ],
         ):
-            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            style = "llama" if self.args.gguf else "byte_level"  # llama.cpp's converter reads "llama"
+            built = (folder / "tokenizer.json").is_file() and (
+                '"byte_fallback": true' in (folder / "tokenizer.json").read_text(encoding="utf-8")
+            ) == bool(self.args.gguf)
+            if built and any(folder.glob("*.safetensors")):
                 self.narrator.say(f"reusing the model built earlier in {folder}")
             else:
                 from transformers.utils import logging as transformers_logging
@@ -716,7 +742,7 @@ class Demo:
                 from tinymodels.llm import build_llm
 
                 transformers_logging.disable_progress_bar()  # no "Writing model shards" bar mid-story
-                build_llm(folder, arch="llama", dtype="float32")
+                build_llm(folder, arch="llama", dtype="float32", tokenizer_style=style)
                 self.narrator.say(f"built {folder}")
         self._timed("build", started)
         return str(folder)

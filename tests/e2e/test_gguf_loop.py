@@ -122,7 +122,7 @@ def greedy(client: InferenceClient | RoutedInferenceClient, model: str, adapter:
 def test_import_train_merge_export_route_generate(suite: Suite) -> None:
     from tinymodels.llm import build_llm
 
-    base_dir = build_llm(suite.root / "models" / "tiny-llama", "llama", tokenizer_style="llama")
+    base_dir = build_llm(suite.root / "models" / "loop-llama", "llama", tokenizer_style="llama")
     data = suite.root / "data" / "text.jsonl"
     data.parent.mkdir(parents=True)
     data.write_text(
@@ -134,9 +134,9 @@ def test_import_train_merge_export_route_generate(suite: Suite) -> None:
         TrainerClient(suite.trainer.target) as trainer,
         InferenceClient(suite.transformers.target, timeout=120) as transformers,
     ):
-        catalog.import_model(str(base_dir), model_id="tiny-llama")
+        catalog.import_model(str(base_dir), model_id="loop-llama")
         job = trainer.create_training_job(
-            "tiny-llama",
+            "loop-llama",
             str(data),
             method="lora",
             max_steps=10,
@@ -163,10 +163,10 @@ def test_import_train_merge_export_route_generate(suite: Suite) -> None:
             assert exported.llm.dtype == dtype  # detected from the file's general.file_type
         assert catalog.get_model(q8).llm.quantization.type == "MOSTLY_Q8_0"
         ancestors = {m.name for m in catalog.get_lineage(f16).ancestors}
-        assert ancestors == {"models/tiny-llama", "models/tiny-ft", "models/tiny-ft-merged"}
+        assert ancestors == {"models/loop-llama", "models/tiny-ft", "models/tiny-ft-merged"}
 
-        with_adapter = greedy(transformers, "tiny-llama", adapter="tiny-ft")
-        assert with_adapter != greedy(transformers, "tiny-llama"), "the adapter changes nothing: train harder"
+        with_adapter = greedy(transformers, "loop-llama", adapter="tiny-ft")
+        assert with_adapter != greedy(transformers, "loop-llama"), "the adapter changes nothing: train harder"
         assert greedy(transformers, merged) == with_adapter
 
         route = catalog.find_workers(f16, role=worker_pb2.WORKER_ROLE_INFERENCE)
@@ -191,16 +191,16 @@ def test_refusals_come_before_any_work(suite: Suite) -> None:
         assert "OPTForCausalLM" in unsupported.value.message
         assert not (suite.root / "trainer" / "artifacts" / "tiny-opt-q8-0").exists()
         with pytest.raises(ModelyardRpcError) as bad_type:
-            trainer.export_model("tiny-llama", quantization="q9_9", validate_only=True)
+            trainer.export_model("loop-llama", quantization="q9_9", validate_only=True)
         assert bad_type.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_type.value.reason == "UNSUPPORTED_QUANTIZATION"
         with pytest.raises(ModelyardRpcError) as not_adapter:
-            trainer.merge_adapter("tiny-llama", validate_only=True)
+            trainer.merge_adapter("loop-llama", validate_only=True)
         assert not_adapter.value.reason == "NOT_AN_ADAPTER"
         with pytest.raises(ModelyardRpcError) as adapter:
             trainer.export_model("tiny-ft", validate_only=True)
         assert adapter.value.reason == "EXPORT_NEEDS_MERGE"
-        assert catalog.get_model("tiny-llama").state == model_pb2.MODEL_STATE_READY
+        assert catalog.get_model("loop-llama").state == model_pb2.MODEL_STATE_READY
 
 
 # ---- docs/gguf.md: its commands, run as written against the same servers -------------------------
@@ -256,3 +256,37 @@ def test_the_guide_runs_as_written(suite: Suite) -> None:
         for line in (expected or "").splitlines():
             assert line.strip() in result.stdout, f"{code}\n--- expected {line!r} in:\n{result.stdout}"
         prelude += "".join(line + "\n" for line in code.splitlines() if re.match(r"^[A-Z_]+=", line))
+
+
+def test_modelyard_demo_gguf_takes_the_fine_tune_to_llama_cpp(suite: Suite) -> None:
+    """`modelyard demo --gguf` on the running servers: its last step chats with the GGUF on llama.cpp."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
+    env["MODELYARD_DATA_DIR"] = str(suite.root / "demo-home")
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "modelyard"),
+            "demo",
+            "--catalog",
+            suite.catalog.target,
+            "--trainer",
+            suite.trainer.target,
+            "--inference",
+            suite.transformers.target,
+            "--data-dir",
+            str(suite.root / "demo"),
+            "--steps",
+            "4",
+            "--gguf",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[7/7] Take the fine-tune to llama.cpp" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ggufModel"].endswith("-merged-q8-0")
+    assert "w-llama-cpp (llama-cpp engine)" in result.stderr
