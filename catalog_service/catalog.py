@@ -195,6 +195,9 @@ class Catalog:
         if self.store.local_reads:
             # An indexed SQLite lookup (tens of microseconds) costs less than a thread hop.
             return self.store.get_model(model_id_of(name))
+        if self.store.async_reads:
+            # PostgreSQL: psycopg's async connection on the loop, no thread hop (`fast_reads`).
+            return await self.store.get_model_async(model_id_of(name))
         return await asyncio.to_thread(self.store.get_model, model_id_of(name))
 
     def _lookup(self, name: str) -> model_pb2.Model | None:
@@ -212,6 +215,8 @@ class Catalog:
     async def list_models(
         self, page_size: int, page_token: str, filter: str
     ) -> tuple[list[model_pb2.Model], str]:
+        if self.store.async_reads:
+            return await self.store.list_models_async(page_size, page_token, filter)
         return await asyncio.to_thread(self.store.list_models, page_size, page_token, filter)
 
     async def update_model(self, model: model_pb2.Model, paths: Sequence[str]) -> model_pb2.Model:

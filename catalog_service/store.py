@@ -27,13 +27,13 @@ cut by bytes (`paging.MAX_PAGE_BYTES`) as well as by count.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
 import secrets
-import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -62,6 +62,7 @@ from sqlalchemy.orm import Session, aliased
 from catalog_service import db
 from catalog_service.db import ModelLabelRow, ModelRow, ModelTagRow, WorkerRow
 from catalog_service.entry_cache import DEFAULT_MAX_BYTES, ParsedCache
+from catalog_service.fast_reads import PostgresLookups, SqliteLookups
 from modelyard.catalog.v1 import model_pb2, worker_pb2
 from server_kit import filtering, paging
 from server_kit.errors import (
@@ -71,7 +72,6 @@ from server_kit.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from server_kit.filtering import Term, filter_error
 from server_kit.security import check_stored_strings
@@ -125,6 +125,11 @@ Clock = Callable[[], datetime]
 
 
 _GET_MODEL_SQL = "SELECT entry FROM models WHERE model_id = ?"
+_GET_MODEL_PG_SQL = "SELECT entry FROM models WHERE model_id = %s"
+_LIST_MODELS_PG_SQL = (
+    "SELECT model_id, length(entry), CASE WHEN length(entry) <= %s THEN entry END "
+    "FROM models WHERE model_id > %s ORDER BY model_id LIMIT %s"
+)
 _LIST_MODELS_SQL = (
     "SELECT model_id, length(entry), CASE WHEN length(entry) <= ? THEN entry END "
     "FROM models WHERE model_id > ? ORDER BY model_id LIMIT ?"
@@ -201,44 +206,6 @@ def worker_id_of(name: str) -> str:
     return name.removeprefix(WORKER_PREFIX)
 
 
-class _SqliteLookups:
-    """Plain sqlite3 connections (one per thread) for the hottest reads.
-
-    SQLAlchemy's connection handling and result rows cost ~100 µs per query, more
-    than the indexed lookup itself (GetModel: ~10 µs at a million entries).
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._local = threading.local()
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self._path, timeout=db.SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            self._local.conn = conn
-        return conn
-
-    def one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """The first row of `sql`, or None; `Unavailable` when the database cannot be read."""
-        try:
-            row: tuple[Any, ...] | None = self._conn().execute(sql, params).fetchone()
-        except sqlite3.Error as error:
-            raise self._unavailable(error) from error
-        return row
-
-    def all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Every row of `sql`; `Unavailable` when the database cannot be read."""
-        try:
-            return self._conn().execute(sql, params).fetchall()
-        except sqlite3.Error as error:
-            raise self._unavailable(error) from error
-
-    @staticmethod
-    def _unavailable(error: sqlite3.Error) -> Unavailable:
-        return Unavailable(f"the catalog database cannot be read: {error}", reason="DATABASE_UNAVAILABLE")
-
-
 def _enum_value(enum_type: Any, prefix: str, field: str, text: str) -> str:
     """The full enum value name for `READY` / `ready` / `MODEL_STATE_READY`; InvalidArgument if none."""
     names = list(enum_type.keys())
@@ -267,6 +234,42 @@ def _string_match(column: Any, term: Term) -> ColumnElement[bool]:
 
 def _negate(term: Term, condition: ColumnElement[bool]) -> ColumnElement[bool]:
     return not_(condition) if term.op == filtering.NE else condition
+
+
+@dataclass(frozen=True)
+class _PageRequest:
+    """One ListModels page asked for: size, filter terms, the query its token is bound to,
+    and the id it starts after."""
+
+    size: int
+    terms: list[Term]
+    query: str
+    after: str
+
+    @property
+    def params(self) -> tuple[int, str, int]:
+        """(inline, after, limit) of the page query. One query reads ids, sizes and the
+        entries themselves, except those too large to be worth reading before the page
+        is known to hold them (more than an even share of the page's byte budget):
+        those are read by a second query."""
+        return paging.MAX_PAGE_BYTES // (self.size + 1), self.after, self.size + 1
+
+    def fit(self, rows: Sequence[tuple[Any, ...]]) -> tuple[Sequence[tuple[Any, ...]], bool]:
+        """The rows (id, size, entry or None) that make the page, and whether more follow."""
+        count, more = paging.fit_page((int(size or 0) for _id, size, _entry in rows), self.size)
+        return rows[:count], more
+
+    def finish(
+        self, page: Sequence[tuple[Any, ...]], more: bool, large: dict[str, bytes]
+    ) -> tuple[list[model_pb2.Model], str]:
+        """The page's models (entries read apart in `large`) and the next page's token."""
+        models = [
+            model_pb2.Model.FromString(entry if entry is not None else large[model_id])
+            for model_id, _size, entry in page
+            if entry is not None or model_id in large  # deleted since the first query: skipped
+        ]
+        next_token = paging.encode_page_token([page[-1][0]], self.query) if more and page else ""
+        return models, next_token
 
 
 class CatalogStore:
@@ -320,12 +323,16 @@ class CatalogStore:
         self._get_worker_stmt = select(WorkerRow.data).where(WorkerRow.worker_id == bindparam("worker_id"))
         database = self.engine.url.database or ""
         file_backed = self._sqlite and database not in ("", ":memory:")
-        self._lookups = _SqliteLookups(database) if file_backed else None
+        self._lookups = SqliteLookups(database) if file_backed else None
+        postgres_psycopg = self._postgres and self.engine.dialect.driver == "psycopg"
+        self._async_lookups = PostgresLookups(self.engine.url) if postgres_psycopg else None
         if auto_migrate:
             db.migrate(self.engine)
 
     def close(self) -> None:
         """Close the connection pool."""
+        if self._async_lookups is not None:
+            self._async_lookups.close()
         self.engine.dispose()
 
     def check(self) -> None:
@@ -419,6 +426,20 @@ class CatalogStore:
         """True when `get_model` reads a local file in microseconds (SQLite), never a network."""
         return self._lookups is not None
 
+    @property
+    def async_reads(self) -> bool:
+        """True when `get_model_async` reads without a thread (PostgreSQL over psycopg)."""
+        return self._async_lookups is not None
+
+    async def get_model_async(self, model_id: str) -> model_pb2.Model:
+        """`get_model` on the event loop (`async_reads` stores only): no thread hop."""
+        assert self._async_lookups is not None, "async_reads is False"
+        model_id = model_id_of(model_id)
+        found = await self._async_lookups.one(_GET_MODEL_PG_SQL, (model_id,))
+        if found is None:
+            raise self._model_not_found(model_id)
+        return model_pb2.Model.FromString(found[0])
+
     def get_model(self, model_id: str) -> model_pb2.Model:
         """The model `models/{model_id}` (`model_id` may carry the `models/` prefix)."""
         model_id = model_id_of(model_id)
@@ -442,34 +463,41 @@ class CatalogStore:
         weight_format, base_model, parent (`parent = ""` for roots), tag,
         labels.KEY. Enum values are accepted short (`READY`) or full.
         """
+        page = self._page_request(page_size, page_token, filter)
+        rows: Sequence[tuple[Any, ...]]
+        if not page.terms and self._lookups is not None:
+            rows = self._lookups.all(_LIST_MODELS_SQL, page.params)
+        else:
+            conditions = [self._model_condition(term) for term in page.terms]
+            statement = self._list_models_stmt.where(and_(true(), *conditions))
+            inline, after, limit = page.params
+            with self._read() as conn:
+                rows = conn.execute(statement, {"inline": inline, "after": after, "limit": limit}).all()
+        fitting, more = page.fit(rows)
+        missing = [model_id for model_id, _size, entry in fitting if entry is None]
+        return page.finish(fitting, more, self._entries_of(missing) if missing else {})
+
+    async def list_models_async(
+        self, page_size: int = 0, page_token: str = "", filter: str = ""
+    ) -> tuple[list[model_pb2.Model], str]:
+        """`list_models` on the event loop (`async_reads` stores): an unfiltered page is one
+        query on psycopg's async connection; filtered pages run `list_models` in a thread."""
+        page = self._page_request(page_size, page_token, filter)
+        if page.terms or self._async_lookups is None:
+            return await asyncio.to_thread(self.list_models, page_size, page_token, filter)
+        rows = await self._async_lookups.all(_LIST_MODELS_PG_SQL, page.params)
+        fitting, more = page.fit(rows)
+        missing = [model_id for model_id, _size, entry in fitting if entry is None]
+        large = await asyncio.to_thread(self._entries_of, missing) if missing else {}
+        return page.finish(fitting, more, large)
+
+    @staticmethod
+    def _page_request(page_size: int, page_token: str, filter: str) -> _PageRequest:
         size = paging.page_size(page_size)
         terms = filtering.parse_filter(filter, MODEL_FILTER_FIELDS)
         query = "models?" + filtering.canonical(terms)
         last = paging.decode_page_token(page_token, query, kinds=(str,))
-        after = str(last[0]) if last is not None else ""
-        # One query: ids, sizes and the entries themselves, except those too large to
-        # be worth reading before the page is known to hold them (more than an even
-        # share of the page's byte budget); those are read in a second query.
-        inline = paging.MAX_PAGE_BYTES // (size + 1)
-        rows: Sequence[tuple[Any, ...]]
-        if not terms and self._lookups is not None:
-            rows = self._lookups.all(_LIST_MODELS_SQL, (inline, after, size + 1))
-        else:
-            conditions = [self._model_condition(term) for term in terms]
-            statement = self._list_models_stmt.where(and_(true(), *conditions))
-            with self._read() as conn:
-                rows = conn.execute(statement, {"inline": inline, "after": after, "limit": size + 1}).all()
-        count, more = paging.fit_page((int(size_ or 0) for _id, size_, _entry in rows), size)
-        page = rows[:count]
-        missing = [model_id for model_id, _size, entry in page if entry is None]
-        large = self._entries_of(missing) if missing else {}
-        models = [
-            model_pb2.Model.FromString(entry if entry is not None else large[model_id])
-            for model_id, _size, entry in page
-            if entry is not None or model_id in large  # deleted since the first query: skipped
-        ]
-        next_token = paging.encode_page_token([page[-1][0]], query) if more and page else ""
-        return models, next_token
+        return _PageRequest(size, terms, query, str(last[0]) if last is not None else "")
 
     def _entries_of(self, model_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored entries of `model_ids` (the ones that exist), by id."""

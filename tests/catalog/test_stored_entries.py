@@ -6,6 +6,8 @@ The migration tests write rows the way revision 0002 stored them (the proto as J
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from google.protobuf import json_format
 from sqlalchemy import inspect, text
@@ -14,7 +16,7 @@ from catalog_service import db
 from catalog_service.entry_cache import ENTRY_OVERHEAD, ParsedCache, entry_bytes
 from catalog_service.store import CatalogStore
 from modelyard.catalog.v1 import model_pb2, worker_pb2
-from server_kit import paging
+from server_kit import errors, paging
 
 
 def rich_entry(model_id: str) -> model_pb2.Model:
@@ -165,3 +167,39 @@ def test_workers_read_the_same_with_or_without_cache(db_url: str, cache_bytes: i
         assert beat.device.free_memory_bytes == 42
     finally:
         store.close()
+
+
+def test_get_model_on_the_event_loop_reads_the_same(store: CatalogStore) -> None:
+    """PostgreSQL's no-thread GetModel (`fast_reads.PostgresLookups`) answers like `get_model`."""
+    if not store.async_reads:
+        pytest.skip("only PostgreSQL stores read on the event loop")
+    created = store.create_model("on-loop", rich_entry("on-loop"))
+
+    async def reads() -> None:
+        assert await store.get_model_async("models/on-loop") == created
+        with pytest.raises(errors.NotFound) as caught:
+            await store.get_model_async("missing")
+        assert caught.value.reason == "MODEL_NOT_FOUND"
+        store._async_lookups.close()  # type: ignore[union-attr]  # a dropped connection comes back
+        assert await store.get_model_async("on-loop") == created
+
+    asyncio.run(reads())
+    asyncio.run(reads())  # another loop: a connection of its own
+
+
+def test_pages_on_the_event_loop_match_the_threaded_ones(store: CatalogStore) -> None:
+    if not store.async_reads:
+        pytest.skip("only PostgreSQL stores read on the event loop")
+    for i in range(5):
+        store.create_model(f"page-{i}", rich_entry(f"page-{i}"))
+
+    async def pages() -> None:
+        first, token = await store.list_models_async(page_size=2)
+        assert (first, token) == store.list_models(page_size=2)
+        rest, end = await store.list_models_async(page_size=10, page_token=token)
+        assert [m.name for m in first + rest] == [f"models/page-{i}" for i in range(5)]
+        assert end == ""
+        filtered, _ = await store.list_models_async(filter="name = page-3*")  # through a thread
+        assert [m.name for m in filtered] == ["models/page-3"]
+
+    asyncio.run(pages())
