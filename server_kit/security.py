@@ -113,6 +113,7 @@ METHOD_ROLES: Mapping[str, str] = {
     _TRAINER + "CancelTrainingJob": ADMIN,
     _TRAINER + "WatchTrainingJob": READER,
     _TRAINER + "ValidateDataset": READER,
+    _TRAINER + "ListTrainingMetrics": READER,
     # Inference: generating is using a model, not changing the platform.
     _INFERENCE + "Generate": READER,
     _INFERENCE + "StreamGenerate": READER,

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+
+from clients.errors import ModelyardRpcError
 from modelyard.catalog.v1 import model_pb2
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
-from server_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from server_kit.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ModelyardError,
+    NotFound,
+    Unavailable,
+)
 from trainer_service import datasets as ds
 
 TASK_PREFIX = "TRAINING_TASK_"
@@ -82,3 +92,21 @@ def check_llm_task(model: model_pb2.Model, *, reward: bool, field_name: str) -> 
 def reward_model_path(spec: dict[str, Any]) -> str:
     """The reward model folder a job's stored spec names (empty when none)."""
     return str(spec.get("reward_model_path") or "")
+
+
+def catalog_error(error: ModelyardRpcError, what: str) -> ModelyardError:
+    """A catalog failure as this service's error."""
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(
+            f"{what} is not in the catalog", reason="BASE_MODEL_NOT_FOUND", metadata={"model": what}
+        )
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(
+            f"the catalog did not answer about {what} ({error.code.name}); retry later",
+            reason="CATALOG_UNAVAILABLE",
+        )
+    return FailedPrecondition(
+        f"the catalog refused the request about {what}: {error.message}",
+        reason=error.reason or "CATALOG_ERROR",
+        metadata={"catalog_code": error.code.name, **error.metadata},
+    )

@@ -37,8 +37,6 @@ import logging
 import secrets
 import shutil
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,8 +59,9 @@ from server_kit.errors import (
 )
 from trainer_service import datasets as ds
 from trainer_service import hyperparams, jobs
+from trainer_service.admission import Admission
 from trainer_service.evaluation import eval_metrics_of
-from trainer_service.job_checks import check_llm_task, check_task, reward_model_path, task_name
+from trainer_service.job_checks import catalog_error, check_task, reward_model_path, task_name
 from trainer_service.jobs import ClaimedJob, JobStore, job_id_of, job_name, method_name, state_name
 from trainer_service.metric_store import MetricStore
 from trainer_service.rewards import required_fields
@@ -172,33 +171,9 @@ def _method(value: int, field_name: str = "job.method") -> ds.Method:
     return ds.Method(method_name(value))
 
 
-def _format(value: int) -> ds.DatasetFormat | None:
-    if value == pb.DATASET_FORMAT_UNSPECIFIED:
-        return None
-    return ds.DatasetFormat(pb.DatasetFormat.Name(value).removeprefix("DATASET_FORMAT_"))  # type: ignore[arg-type]
-
-
 def format_value(fmt: ds.DatasetFormat) -> pb.DatasetFormat.ValueType:
     """The proto `DatasetFormat` value of `fmt`."""
     return pb.DatasetFormat.Value(f"DATASET_FORMAT_{fmt.value}")
-
-
-def _catalog_error(error: ModelyardRpcError, what: str) -> ModelyardError:
-    """A catalog failure as this service's error."""
-    if error.code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(
-            f"{what} is not in the catalog", reason="BASE_MODEL_NOT_FOUND", metadata={"model": what}
-        )
-    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(
-            f"the catalog did not answer about {what} ({error.code.name}); retry later",
-            reason="CATALOG_UNAVAILABLE",
-        )
-    return FailedPrecondition(
-        f"the catalog refused the request about {what}: {error.message}",
-        reason=error.reason or "CATALOG_ERROR",
-        metadata={"catalog_code": error.code.name, **error.metadata},
-    )
 
 
 def _change_kind(old: pb.TrainingJob, new: pb.TrainingJob) -> int:
@@ -235,9 +210,7 @@ class JobManager:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._scheduler: asyncio.Task[None] | None = None
-        self._tokenizers: OrderedDict[str, Any] = OrderedDict()
-        self._tokenizer_lock = threading.Lock()
-        self._validations = asyncio.Semaphore(2)
+        self.admission = Admission(catalog, config)
         self.queued_count = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -311,7 +284,7 @@ class JobManager:
                 reason="MISSING_FIELD",
                 violations=[FieldViolation("job.base_model", "required")],
             )
-        base = await self._usable_base_model(request.base_model)
+        base = await self.admission.usable_model(request.base_model)
         context = base.llm.context_length if base.llm.HasField("context_length") else None
         if context is not None:
             if not request.hyperparameters.HasField("max_seq_length"):
@@ -328,12 +301,12 @@ class JobManager:
         dataset = request.dataset
         reward_model = ""
         if hyper.grpo_reward_model:
-            reward = await self._usable_base_model(
+            reward = await self.admission.usable_model(
                 hyper.grpo_reward_model, field_name="job.hyperparameters.grpo.reward_model", reward=True
             )
             hyper.grpo_reward_model, reward_model = reward.name, reward.local_path
         extra_fields = required_fields(hyper.grpo_reward_functions) if method == ds.Method.GRPO else ()
-        validated = await self._validate(
+        validated = await self.admission.validate(
             dataset, method, Path(base.local_path), hyper.max_seq_length, extra_fields=extra_fields
         )
         validated.report.raise_if_invalid()
@@ -341,8 +314,8 @@ class JobManager:
         eval_rows = ds.eval_row_count(validated.report.num_rows, hyper.eval_split)
 
         output_model_id = request.output_model_id or default_output_model_id(base.name, datetime.now(UTC))
-        await self._check_output_free(output_model_id)
-        source = self._stored_source(dataset.source)
+        await self.admission.check_output_free(output_model_id)
+        source = self.admission.stored_source(dataset.source)
         job = pb.TrainingJob(
             name=job_name(job_id),
             base_model=base.name,
@@ -439,163 +412,13 @@ class JobManager:
                 violations=[FieldViolation("max_seq_length", "must be >= 1")],
             )
         if not base_model:
-            validated = await self._validate(dataset, method, None, limit)
+            validated = await self.admission.validate(dataset, method, None, limit)
             return validated.report, validated.format
-        base = await self._usable_base_model(base_model, field_name="base_model")
+        base = await self.admission.usable_model(base_model, field_name="base_model")
         if max_seq_length is None and base.llm.HasField("context_length"):
             limit = min(limit, base.llm.context_length)
-        validated = await self._validate(dataset, method, Path(base.local_path), limit)
+        validated = await self.admission.validate(dataset, method, Path(base.local_path), limit)
         return validated.report, validated.format
-
-    # ------------------------------------------------------------------ checks
-
-    async def _usable_base_model(
-        self, name: str, field_name: str = "job.base_model", *, reward: bool = False
-    ) -> model_pb2.Model:
-        """The catalog entry of a base model this trainer can train (or, with `reward`, a reward model)."""
-        if self.catalog is None:
-            raise FailedPrecondition(
-                "this trainer has no catalog configured (MODELYARD_CATALOG_ADDRESS), so it cannot resolve "
-                f"{name}",
-                reason="NO_CATALOG",
-            )
-        model_ref = name if name.startswith("models/") else f"models/{name}"
-        try:
-            base = await self.catalog.get_model(model_ref)
-        except ModelyardRpcError as error:
-            raise _catalog_error(error, model_ref) from None
-        if base.state != model_pb2.MODEL_STATE_READY:
-            state = model_pb2.ModelState.Name(base.state).removeprefix("MODEL_STATE_")
-            raise FailedPrecondition(
-                f"{base.name} is {state}, not READY",
-                reason="BASE_MODEL_NOT_READY",
-                metadata={"model": base.name},
-            )
-        if base.kind != model_pb2.MODEL_KIND_LLM:
-            raise FailedPrecondition(
-                f"{base.name} is not a text-generation model; the trainer fine-tunes LLMs",
-                reason="UNSUPPORTED_MODEL_KIND",
-                metadata={"model": base.name, "kind": model_pb2.ModelKind.Name(base.kind)},
-            )
-        check_llm_task(base, reward=reward, field_name=field_name)
-        if base.llm.HasField("adapter"):
-            raise FailedPrecondition(
-                f"{base.name} is a LoRA adapter; train on its base model "
-                f"({base.parent or 'unknown'}) instead",
-                reason="BASE_MODEL_IS_ADAPTER",
-                metadata={"model": base.name},
-            )
-        if reward:  # only loaded to score completions: its files and config are what matters
-            await asyncio.to_thread(self._check_model_files, base)
-            return base
-        try:
-            report = await self.catalog.check_compatibility(base.name, engine_spec=self.config.engine_spec)
-        except ModelyardRpcError as error:
-            raise _catalog_error(error, base.name) from None
-        if report.verdict == worker_pb2.VERDICT_INCOMPATIBLE:
-            failed = [r for r in report.results if r.outcome == worker_pb2.RULE_OUTCOME_FAIL]
-            raise FailedPrecondition(
-                f"{base.name} cannot be trained by this trainer: "
-                + "; ".join(f"{r.rule}: {r.message}" for r in failed),
-                reason="INCOMPATIBLE_MODEL",
-                metadata={"model": base.name, "rules": ",".join(r.rule for r in failed)},
-            )
-        await asyncio.to_thread(self._check_model_files, base)
-        return base
-
-    def _check_model_files(self, base: model_pb2.Model) -> None:
-        path = Path(base.local_path)
-        if not base.local_path or not path.is_dir():
-            raise FailedPrecondition(
-                f"the files of {base.name} ({base.local_path or 'no path'}) are not visible to this trainer; "
-                "share the catalog's model storage with it",
-                reason="MODEL_FILES_UNAVAILABLE",
-                metadata={"model": base.name, "path": base.local_path},
-            )
-        if base.llm.requires_remote_code and not self.config.allow_remote_code:
-            raise FailedPrecondition(
-                f"{base.name} needs trust_remote_code, which this trainer does not allow",
-                reason="REMOTE_CODE_NOT_ALLOWED",
-                metadata={"model": base.name},
-            )
-        from transformers import AutoConfig, PretrainedConfig
-
-        try:
-            config = AutoConfig.from_pretrained(str(path), trust_remote_code=self.config.allow_remote_code)
-        except Exception as error:
-            raise FailedPrecondition(
-                f"the config of {base.name} does not load: {error}",
-                reason="MODEL_CONFIG_INVALID",
-                metadata={"model": base.name},
-            ) from error
-        if not isinstance(config, PretrainedConfig):
-            raise FailedPrecondition(
-                f"the config of {base.name} loads as {type(config).__name__}, not a transformers config",
-                reason="MODEL_CONFIG_INVALID",
-                metadata={"model": base.name},
-            )
-
-    def _tokenizer(self, path: Path) -> Any:
-        """The tokenizer at `path` (a few kept loaded: validation tokenizes every row)."""
-        from trainer_service.strategies.base import load_tokenizer
-
-        key = str(path)
-        with self._tokenizer_lock:
-            if key in self._tokenizers:
-                self._tokenizers.move_to_end(key)
-                return self._tokenizers[key]
-        tokenizer = load_tokenizer(path, allow_remote_code=self.config.allow_remote_code)
-        with self._tokenizer_lock:
-            self._tokenizers[key] = tokenizer
-            while len(self._tokenizers) > 4:
-                self._tokenizers.popitem(last=False)
-        return tokenizer
-
-    async def _validate(
-        self,
-        dataset: pb.Dataset,
-        method: ds.Method,
-        model_path: Path | None,
-        max_seq_length: int,
-        *,
-        extra_fields: tuple[str, ...] = (),
-    ) -> ds.ValidatedDataset:
-        def work() -> ds.ValidatedDataset:
-            tokenizer = self._tokenizer(model_path) if model_path is not None else None
-            return ds.validate_dataset(
-                dataset.source,
-                method,
-                fmt=_format(dataset.format),
-                split=dataset.split,
-                tokenizer=tokenizer,
-                max_seq_length=max_seq_length,
-                roots=self.config.dataset_roots,
-                datasets_cache=self.config.datasets_cache,
-                extra_fields=extra_fields,
-            )
-
-        async with self._validations:
-            return await asyncio.to_thread(work)
-
-    def _stored_source(self, source: str) -> str:
-        """The dataset source as the worker will read it: absolute for paths, as given for names."""
-        path = Path(source).expanduser()
-        return str(path.resolve()) if path.exists() else source
-
-    async def _check_output_free(self, model_id: str) -> None:
-        assert self.catalog is not None
-        try:
-            existing = await self.catalog.get_model(model_id)
-        except ModelyardRpcError as error:
-            if error.code == grpc.StatusCode.NOT_FOUND:
-                return
-            raise _catalog_error(error, f"models/{model_id}") from None
-        raise AlreadyExists(
-            f"the output model {existing.name} already exists in the catalog; choose another output_model_id",
-            reason="OUTPUT_MODEL_EXISTS",
-            metadata={"model": existing.name},
-            violations=[FieldViolation("job.output_model_id", "already in the catalog")],
-        )
 
     # ------------------------------------------------------------------ scheduling
 
@@ -879,7 +702,7 @@ class JobManager:
                     existing = await self.catalog.get_model(job.output_model_id)
                     if existing.source.fine_tune.training_job == job.name:
                         return existing.name
-            raise _catalog_error(error, str(output_dir)) from None
+            raise catalog_error(error, str(output_dir)) from None
         return model.name
 
     async def _finish(

@@ -907,7 +907,7 @@ def rule_image_base_model(ctx: Context) -> Finding:
     )
 
 
-_LORA_STYLE = frozenset({"lora", "qlora", "dpo"})
+_LORA_STYLE = frozenset({"lora", "qlora", "dpo", "orpo", "kto", "grpo"})
 
 
 def _method_problem(ctx: Context, method: str) -> str:

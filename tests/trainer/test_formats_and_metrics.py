@@ -142,7 +142,8 @@ async def test_alpaca_and_sharegpt_jobs_train_report_task_metrics_and_keep_their
     train = [p for p in points if p.kind == pb.METRIC_KIND_TRAIN]
     assert [p.step for p in train] == [1, 2, 3, 4] and all("loss" in p.values for p in train)
     evals = [p for p in points if p.kind == pb.METRIC_KIND_EVAL]
-    assert [p.step for p in evals] == [4] and {"eval_loss", "eval_perplexity", "eval_rouge1"} <= set(evals[0].values)
+    assert [p.step for p in evals] == [4]
+    assert {"eval_loss", "eval_perplexity", "eval_rouge1"} <= set(evals[0].values)
     with pytest.raises(InvalidArgument):
         await manager.list_metrics(qa_job.name, page_token=token or "bogus")
 
