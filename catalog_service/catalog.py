@@ -134,6 +134,10 @@ def _memoized(
     return cached
 
 
+LOOP_PAGE_MAX = 100
+"""Unfiltered SQLite pages up to this size are read on the event loop (at most ~0.3 ms)."""
+
+
 @dataclass
 class ImportOptions:
     """What an import request asks for besides the source."""
@@ -215,6 +219,9 @@ class Catalog:
     async def list_models(
         self, page_size: int, page_token: str, filter: str
     ) -> tuple[list[model_pb2.Model], str]:
+        if self.store.local_reads and not filter and page_size <= LOOP_PAGE_MAX:
+            # An unfiltered SQLite page (~3 µs an entry) costs less than a thread hop.
+            return self.store.list_models(page_size, page_token, filter)
         if self.store.async_reads:
             return await self.store.list_models_async(page_size, page_token, filter)
         return await asyncio.to_thread(self.store.list_models, page_size, page_token, filter)
