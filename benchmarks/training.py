@@ -14,7 +14,11 @@ round, alternating so machine noise hits both alike:
   end-to-end time (create -> SUCCEEDED, with the worker's start, the
   post-training check and the catalog registration) is printed next to it.
 
-Prints each round and the median ratio service / direct; target >= 0.95.
+Prints each round and the median ratio service / direct; target >= 0.95. Then one
+line per alignment method (`--methods`, default orpo,kto,reward,grpo): a job of
+`--method-steps` steps through the service on small preference, unpaired and
+prompt-only rows (GRPO rewarded by the reward model the REWARD job just made plus
+`repetition_penalty`), with the worker's samples/s and the end-to-end time.
 """
 
 from __future__ import annotations
@@ -121,6 +125,50 @@ async def service_round(
     return float(metrics["train_samples_per_second"]), elapsed
 
 
+def method_rows(method: str, n: int) -> list[dict[str, Any]]:
+    """Rows for an alignment method: preference pairs, unpaired completions or prompts."""
+    if method == "kto":
+        return [
+            {"prompt": f"Is {i} even? ", "completion": "yes." if i % 2 == 0 else "no.", "label": i % 2 == 0}
+            for i in range(n)
+        ]
+    if method == "grpo":
+        return [{"prompt": f"What is {i} plus {i}? "} for i in range(n)]
+    return [
+        {"prompt": f"Is {i} even? ", "chosen": "yes it is.", "rejected": f"no, {i} is odd."} for i in range(n)
+    ]
+
+
+async def method_round(
+    trainer: str, root: Path, method: str, steps: int, batch: int, data_dir: Path
+) -> tuple[float, float]:
+    """(samples/s measured by the worker, end-to-end seconds) of one `method` job through the service."""
+    dataset = root / f"{method}.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in method_rows(method, 64)))
+    options: dict[str, Any] = {}
+    if method == "grpo":
+        options = {
+            "grpo_reward_functions": ["repetition_penalty"],
+            "grpo_reward_model": "bench-rm",
+            "grpo_num_generations": 2,
+            "grpo_max_completion_length": 16,
+        }
+    async with AsyncTrainerClient(trainer) as client:
+        started = time.perf_counter()
+        job = await client.create_training_job(
+            "models/bench-llama", str(dataset), method=method, max_steps=steps, batch_size=batch,
+            learning_rate=LEARNING_RATE, save_steps=1_000_000,
+            output_model_id="bench-rm" if method == "reward" else "", **options,
+        )  # fmt: skip
+        final = await client.wait_training_job(job.name, timeout=3600)
+        elapsed = time.perf_counter() - started
+    if final.state != pb.TRAINING_JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"{method} job {job.name} ended {final.state}: {final.error}")
+    output = data_dir / "jobs" / job.name.removeprefix("trainingJobs/") / "output"
+    metrics = json.loads((output / "training_metrics.json").read_text())
+    return float(metrics["train_samples_per_second"]), elapsed
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +179,8 @@ async def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--methods", default="orpo,kto,reward,grpo", help="alignment methods ('' for none)")
+    parser.add_argument("--method-steps", type=int, default=10)
     options = parser.parse_args()
 
     from tinymodels.llm import build_llm
@@ -183,6 +233,15 @@ async def main() -> None:
                 print(
                     f"round {index + 1}: direct {d:7.2f} samples/s | service {s:7.2f} samples/s "
                     f"({s / d:.3f}x) | service end to end {wall:6.1f} s"
+                )
+            for method in [m.strip() for m in options.methods.split(",") if m.strip()]:
+                batch = 2 if method == "grpo" else options.batch_size
+                rate, wall = await method_round(
+                    trainer.target, root, method, options.method_steps, batch, trainer_dir
+                )
+                print(
+                    f"method {method:6}: service {rate:7.2f} samples/s, "
+                    f"{options.method_steps} steps of batch {batch}, end to end {wall:6.1f} s"
                 )
         finally:
             await trainer.stop(0)

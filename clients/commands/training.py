@@ -69,7 +69,7 @@ def register(sub: Subparsers) -> None:
         ),
         epilog=(
             "unset hyperparameters take the trainer's defaults (1 epoch, lr 2e-4 for LoRA, batch 4,\n"
-            "LoRA r 8 / alpha 16).\n\n"
+            "LoRA r 8 / alpha 16, 10 % of the rows held out for evaluation).\n\n"
             "examples:\n"
             "  modelyard train tiny-llama ./chat.jsonl --method lora --max-steps 50 --watch\n"
             "  modelyard train tiny-llama --dataset ./pairs.jsonl --method dpo --epochs 2 \\\n"
