@@ -179,6 +179,7 @@ def test_import_train_merge_export_route_generate(suite: Suite) -> None:
 
 
 def test_refusals_come_before_any_work(suite: Suite) -> None:
+    from tinymodels.llm import build_lora_adapter
     from tinymodels.zoo import ZOO, build_zoo_model
 
     opt = build_zoo_model(next(z for z in ZOO if z.key == "opt"), suite.root / "models" / "tiny-opt")
@@ -190,6 +191,15 @@ def test_refusals_come_before_any_work(suite: Suite) -> None:
         assert unsupported.value.reason == "ARCHITECTURE_NOT_CONVERTIBLE"
         assert "OPTForCausalLM" in unsupported.value.message
         assert not (suite.root / "trainer" / "artifacts" / "tiny-opt-q8-0").exists()
+        # An adapter of that architecture is refused the same way before its merge starts.
+        adapter_dir = build_lora_adapter(
+            opt, suite.root / "models" / "tiny-opt-lora", target_modules=["q_proj"]
+        )
+        catalog.import_model(str(adapter_dir), model_id="tiny-opt-lora", parent="tiny-opt")
+        with pytest.raises(ModelyardRpcError) as unsupported_merge:
+            trainer.merge_adapter("tiny-opt-lora")
+        assert unsupported_merge.value.reason == "ARCHITECTURE_NOT_CONVERTIBLE"
+        assert not (suite.root / "trainer" / "artifacts" / "tiny-opt-lora-merged").exists()
         with pytest.raises(ModelyardRpcError) as bad_type:
             trainer.export_model("loop-llama", quantization="q9_9", validate_only=True)
         assert bad_type.value.code == grpc.StatusCode.INVALID_ARGUMENT
