@@ -938,7 +938,10 @@ def test_acceptance_find_workers(fleet: dict[str, worker_pb2.Worker]) -> None:
 
     matches, _ = rank(NEO, workers, TRAINING, CATALOG)
     assert [w.name for w, _ in matches] == ["workers/trainer"]
-    assert result(matches[0][1], "training_method").message == "can train with: lora, full, dpo, orpo, kto, reward, grpo"
+    assert (
+        result(matches[0][1], "training_method").message
+        == "can train with: lora, full, dpo, orpo, kto, reward, grpo"
+    )
 
     matches, rejected = rank(FOO, workers, None, CATALOG)
     assert matches == []
