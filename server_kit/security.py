@@ -114,6 +114,8 @@ METHOD_ROLES: Mapping[str, str] = {
     _TRAINER + "WatchTrainingJob": READER,
     _TRAINER + "ValidateDataset": READER,
     _TRAINER + "ListTrainingMetrics": READER,
+    _TRAINER + "MergeAdapter": ADMIN,  # registers a new catalog model
+    _TRAINER + "ExportModel": ADMIN,  # registers a new catalog model
     # Inference: generating is using a model, not changing the platform.
     _INFERENCE + "Generate": READER,
     _INFERENCE + "StreamGenerate": READER,

@@ -39,6 +39,8 @@ def test_roles_of_the_rpcs_the_issue_names() -> None:
         "catalog.v1.CatalogService/ReportEngineOutcome": WORKER,
         "trainer.v1.TrainerService/CreateTrainingJob": ADMIN,
         "trainer.v1.TrainerService/CancelTrainingJob": ADMIN,
+        "trainer.v1.TrainerService/MergeAdapter": ADMIN,
+        "trainer.v1.TrainerService/ExportModel": ADMIN,
         "inference.v1.InferenceService/LoadModel": ADMIN,
         "inference.v1.InferenceService/UnloadModel": ADMIN,
     }
