@@ -11,7 +11,9 @@ query. So, beside the store's SQLAlchemy engine:
   by psycopg after a few uses) on the server's event loop: GetModel and unfiltered
   ListModels pages await the query instead of hopping to a thread. Concurrent calls
   queue on that connection (a round trip is ~100 µs on a local server, far below a
-  gRPC call's own cost).
+  gRPC call's own cost). Results come in PostgreSQL's binary format: `bytea` in text
+  format is hex, and decoding it doubled the CPU of a page of 100 entries (729 vs
+  374 µs).
 
 Both raise `Unavailable` (reason DATABASE_UNAVAILABLE) when the database cannot be
 read, like the store's other reads. Only the store uses them.
@@ -95,7 +97,7 @@ class PostgresLookups:
 
         try:
             conn = await self._connection()
-            cursor = await conn.execute(sql, params)
+            cursor = await conn.execute(sql, params, binary=True)
             row: tuple[Any, ...] | None = await cursor.fetchone()
         except psycopg.Error as error:
             if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
@@ -109,7 +111,7 @@ class PostgresLookups:
 
         try:
             conn = await self._connection()
-            cursor = await conn.execute(sql, params)
+            cursor = await conn.execute(sql, params, binary=True)
             rows: list[tuple[Any, ...]] = await cursor.fetchall()
         except psycopg.Error as error:
             if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
