@@ -663,6 +663,9 @@ def _matches(names: Iterable[str], supported: frozenset[str]) -> bool:
     return any(n in supported or _arch_key(n) in keys for n in names)
 
 
+_SCORING_TASKS = frozenset({model_pb2.LLM_TASK_REWARD_MODEL, model_pb2.LLM_TASK_SEQUENCE_CLASSIFICATION})
+
+
 def rule_architecture(ctx: Context) -> Finding:
     """The engine supports the model's architecture (for GGUF files: `general.architecture`)."""
     engine = ctx.target.engine_label
@@ -680,6 +683,12 @@ def rule_architecture(ctx: Context) -> Finding:
             f"cannot confirm that {engine} supports it"
         )
     shown = names[0]
+    if ctx.role == INFERENCE and llm.task in _SCORING_TASKS:
+        what = "a reward model" if llm.task == model_pb2.LLM_TASK_REWARD_MODEL else "a sequence classifier"
+        return failed(
+            f"{shown} is {what}: it scores sequences and does not generate text, so {engine} cannot "
+            "serve it for generation; use it as a GRPO job's reward model (grpo.reward_model)"
+        )
     names += [ctx.table.architecture_aliases[n] for n in names if n in ctx.table.architecture_aliases]
     declared = frozenset(ctx.target.capabilities.architectures)
     if declared:

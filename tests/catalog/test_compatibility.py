@@ -360,6 +360,17 @@ def test_architecture_against_the_workers_list() -> None:
     assert "a transformers worker can run architectures vLLM lacks" in message
 
 
+def test_a_reward_model_is_not_routed_for_generation() -> None:
+    reward = llm(architecture="LlamaForSequenceClassification")
+    reward.llm.task = model_pb2.LLM_TASK_REWARD_MODEL
+    report = check(reward, VLLM)
+    assert outcome(report, "architecture") == "FAIL"
+    assert (
+        "is a reward model: it scores sequences and does not generate text"
+        in result(report, "architecture").message
+    )
+
+
 def test_architecture_without_a_workers_list_uses_the_engine_table() -> None:
     bare_vllm = worker_pb2.EngineSpec(capabilities=worker_pb2.WorkerCapabilities(engine="vllm"))
     assert outcome(check(llm(), bare_vllm), "architecture") == "PASS"
