@@ -45,7 +45,9 @@ from catalog_service.events import ModelEvents
 from catalog_service.hashing import hash_files
 from catalog_service.outcome_store import MAX_ENGINE_BYTES, MAX_ETAG_BYTES, MAX_MESSAGE_CHARS, OutcomeStore
 from catalog_service.settings import CatalogSettings
-from catalog_service.store import CatalogStore, _check_bytes, _check_enum
+from catalog_service.store import CatalogStore
+from catalog_service.store_common import check_bytes as _check_bytes
+from catalog_service.store_common import check_enum as _check_enum
 from modelyard.catalog.v1 import catalog_service_pb2, model_pb2, worker_pb2
 from server_kit import errors
 from server_kit.security import NAME_FIELD_BYTES

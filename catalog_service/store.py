@@ -29,16 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import re
-import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -47,7 +41,6 @@ from sqlalchemy import (
     case,
     delete,
     exists,
-    false,
     func,
     insert,
     not_,
@@ -63,7 +56,36 @@ from catalog_service import db
 from catalog_service.db import ModelLabelRow, ModelRow, ModelTagRow, WorkerRow
 from catalog_service.entry_cache import DEFAULT_MAX_BYTES, ParsedCache
 from catalog_service.fast_reads import PostgresLookups, SqliteLookups
-from modelyard.catalog.v1 import model_pb2, worker_pb2
+from catalog_service.store_common import (
+    CONFIG_KINDS,
+    ID_PATTERN,
+    MAX_INDEXED_BYTES,
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_MODEL_BYTES,
+    MAX_TAG_CHARS,
+    MODEL_FILTER_FIELDS,
+    MODEL_PREFIX,
+    UNFINISHED_STATES,
+    UPDATABLE_MODEL_PATHS,
+    WORKER_FILTER_FIELDS,
+    WORKER_RETENTION_TTLS,
+    Clock,
+    check_bytes,
+    check_enum,
+    check_id,
+    check_strings,
+    enum_value,
+    model_id_of,
+    negate,
+    new_etag,
+    source_column,
+    string_match,
+    utc_now,
+    worker_id_of,
+)
+from catalog_service.worker_store import WorkerStore
+from modelyard.catalog.v1 import model_pb2
 from server_kit import filtering, paging
 from server_kit.errors import (
     Aborted,
@@ -74,55 +96,6 @@ from server_kit.errors import (
     NotFound,
 )
 from server_kit.filtering import Term, filter_error
-from server_kit.security import check_stored_strings
-
-ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-MODEL_PREFIX = "models/"
-WORKER_PREFIX = "workers/"
-
-MODEL_FILTER_FIELDS = (
-    "name",
-    "kind",
-    "model_type",
-    "family",
-    "architecture",
-    "state",
-    "weight_format",
-    "base_model",
-    "parent",
-    "tag",
-    "tags",
-    "labels.*",
-)
-WORKER_FILTER_FIELDS = ("name", "role", "engine", "state")
-UPDATABLE_MODEL_PATHS = ("display_name", "description", "author", "license", "tags", "labels", "parent")
-UNFINISHED_STATES = (model_pb2.MODEL_STATE_IMPORTING, model_pb2.MODEL_STATE_VALIDATING)
-
-MAX_TAG_CHARS = 256
-MAX_LABEL_KEY_CHARS = 256
-MAX_LABEL_VALUE_CHARS = 256
-MAX_INDEXED_BYTES = 2048
-MAX_SOURCE_KEY_BYTES = 1024
-MAX_STRING_BYTES = 4096
-"""Default bound of every string stored in a model or worker (names, paths, messages, ...)."""
-STRING_LIMITS: dict[str, int] = {"description": 64 * 1024, "chat_template": 256 * 1024, "message": 16 * 1024}
-"""Larger bounds of the few fields that hold free text, by field name."""
-MAX_MODEL_BYTES = 4 * 1024 * 1024
-"""Bound of one stored model (its serialized proto: mostly its file list)."""
-MAX_WORKER_BYTES = 256 * 1024
-"""Bound of one stored worker (capabilities, loaded models)."""
-WORKER_RETENTION_TTLS = 10
-"""An expired worker's row is swept this many heartbeat TTLs after its last heartbeat."""
-
-_CONFIG_KINDS = {
-    "llm": model_pb2.MODEL_KIND_LLM,
-    "image": model_pb2.MODEL_KIND_IMAGE,
-    "audio": model_pb2.MODEL_KIND_AUDIO,
-    "video": model_pb2.MODEL_KIND_VIDEO,
-}
-
-Clock = Callable[[], datetime]
-
 
 _GET_MODEL_SQL = "SELECT entry FROM models WHERE model_id = ?"
 _GET_MODEL_PG_SQL = "SELECT entry FROM models WHERE model_id = %s"
@@ -135,105 +108,6 @@ _LIST_MODELS_SQL = (
     "FROM models WHERE model_id > ? ORDER BY model_id LIMIT ?"
 )
 """The unfiltered ListModels page on SQLite, as `CatalogStore._list_models_stmt` compiles."""
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
-def _new_etag() -> str:
-    return secrets.token_hex(8)
-
-
-def _to_json(message: Message) -> str:
-    return json_format.MessageToJson(message, indent=None)
-
-
-def _source_column(source_key: str) -> str:
-    """`source_key` as stored: long keys are replaced by their hash to stay indexable."""
-    if len(source_key.encode()) <= MAX_SOURCE_KEY_BYTES:
-        return source_key
-    return "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
-
-
-def _check_enum(enum: Any, value: int, field: str) -> None:
-    """Refuse an enum number the proto does not define (a newer client's, or junk)."""
-    if value not in enum.values():
-        raise InvalidArgument(
-            f"{field} {value} is not a known {enum.DESCRIPTOR.name}",
-            reason="UNKNOWN_ENUM_VALUE",
-            violations=[FieldViolation(field, f"not a {enum.DESCRIPTOR.name} value")],
-        )
-
-
-def _check_id(value: str, what: str, field: str) -> None:
-    if not ID_PATTERN.match(value):
-        raise InvalidArgument(
-            f"{what} id {value!r} is invalid: use 1-63 lowercase letters, digits and hyphens, "
-            "starting with a letter and not ending with a hyphen",
-            reason=f"INVALID_{what.upper()}_ID",
-            metadata={field: value},
-            violations=[FieldViolation(field, "must match ^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")],
-        )
-
-
-def _check_bytes(field: str, value: str, limit: int) -> None:
-    if len(value) * 4 <= limit:
-        return  # at most 4 UTF-8 bytes a character: no need to encode
-    if len(value.encode()) > limit:
-        raise InvalidArgument(
-            f"{field} is too long ({len(value.encode())} bytes; at most {limit})",
-            reason="VALUE_TOO_LONG",
-            violations=[FieldViolation(field, f"at most {limit} bytes")],
-        )
-
-
-def _check_strings(message: Message, prefix: str, total_limit: int) -> None:
-    """Every string of `message` within its bound, the whole message within `total_limit`."""
-    check_stored_strings(
-        message, prefix, total_limit=total_limit, default_limit=MAX_STRING_BYTES, limits=STRING_LIMITS
-    )
-
-
-def model_id_of(name: str) -> str:
-    """`models/x` or `x` → `x`."""
-    return name.removeprefix(MODEL_PREFIX)
-
-
-def worker_id_of(name: str) -> str:
-    """`workers/x` or `x` → `x`."""
-    return name.removeprefix(WORKER_PREFIX)
-
-
-def _enum_value(enum_type: Any, prefix: str, field: str, text: str) -> str:
-    """The full enum value name for `READY` / `ready` / `MODEL_STATE_READY`; InvalidArgument if none."""
-    names = list(enum_type.keys())
-    upper = text.upper()
-    for candidate in (upper, prefix + upper):
-        if candidate in names:
-            return str(candidate)
-    short = [name.removeprefix(prefix) for name in names if not name.endswith("_UNSPECIFIED")]
-    raise filter_error(f"{field} has no value {text!r}; use one of {', '.join(short)}")
-
-
-def _like_prefix(column: Any, value: str) -> ColumnElement[bool]:
-    """`column LIKE 'value%'` with LIKE wildcards in `value` escaped."""
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return column.like(escaped + "%", escape="\\")
-
-
-def _string_match(column: Any, term: Term) -> ColumnElement[bool]:
-    """Equality, or a prefix match for a value ending in `*`; `field:*` means non-empty."""
-    if term.op == filtering.HAS and term.value == "*":
-        return column != ""
-    if term.value.endswith("*"):
-        return _like_prefix(column, term.value[:-1])
-    return column == term.value
-
-
-def _negate(term: Term, condition: ColumnElement[bool]) -> ColumnElement[bool]:
-    return not_(condition) if term.op == filtering.NE else condition
 
 
 @dataclass(frozen=True)
@@ -272,7 +146,7 @@ class _PageRequest:
         return models, next_token
 
 
-class CatalogStore:
+class CatalogStore(WorkerStore):
     """Persistence of models and workers; protobuf messages in, protobuf messages out.
 
     `url`: a SQLAlchemy URL (`sqlite:///path/catalog.db`, `postgresql+psycopg://...`).
@@ -356,18 +230,6 @@ class CatalogStore:
             with Session(bind=conn, expire_on_commit=False) as session, session.begin():
                 yield session
 
-    def _parse_worker(self, worker_id: str, data: str, now: datetime) -> worker_pb2.Worker:
-        return self._derive_state(self._worker_entry(worker_id, data), now)
-
-    def _worker_entry(self, worker_id: str, data: str) -> worker_pb2.Worker:
-        # Worker rows change with every heartbeat: the JSON itself is the cache check.
-        return self._worker_cache.parse(
-            worker_pb2.Worker,
-            worker_id,
-            data,
-            lambda: json_format.Parse(data, worker_pb2.Worker(), ignore_unknown_fields=True),
-        )
-
     def _lock(self, statement: Any) -> Any:
         # SQLite's BEGIN IMMEDIATE already serializes writers.
         return statement.with_for_update() if self._postgres else statement
@@ -381,14 +243,14 @@ class CatalogStore:
         MODEL_ALREADY_EXISTS) when the id is taken, FailedPrecondition (reason
         PARENT_NOT_FOUND) when `model.parent` is not in the catalog.
         """
-        _check_id(model_id, "model", "model_id")
+        check_id(model_id, "model", "model_id")
         entry = model_pb2.Model()
         entry.CopyFrom(model)
         now = self.clock()
         entry.name = MODEL_PREFIX + model_id
         entry.create_time.FromDatetime(now)
         entry.update_time.FromDatetime(now)
-        entry.etag = _new_etag()
+        entry.etag = new_etag()
         if entry.version <= 0:
             entry.version = 1
         self._normalize(entry)
@@ -399,7 +261,7 @@ class CatalogStore:
                 row = ModelRow(
                     model_id=model_id,
                     parent_id=parent_pk,
-                    source_key=_source_column(source_key),
+                    source_key=source_column(source_key),
                     version=entry.version,
                     etag=entry.etag,
                     create_time=now,
@@ -637,7 +499,7 @@ class CatalogStore:
             raise ValueError("source_key must not be empty")
         with self._read() as conn:
             highest = conn.execute(
-                select(func.max(ModelRow.version)).where(ModelRow.source_key == _source_column(source_key))
+                select(func.max(ModelRow.version)).where(ModelRow.source_key == source_column(source_key))
             ).scalar()
         return int(highest or 0) + 1
 
@@ -648,7 +510,7 @@ class CatalogStore:
         with self._read() as conn:
             entries = conn.execute(
                 select(ModelRow.entry)
-                .where(ModelRow.source_key == _source_column(source_key))
+                .where(ModelRow.source_key == source_column(source_key))
                 .order_by(ModelRow.version, ModelRow.model_id)
             ).scalars()
             return [model_pb2.Model.FromString(entry) for entry in entries]
@@ -704,14 +566,14 @@ class CatalogStore:
 
     def _normalize(self, entry: model_pb2.Model) -> None:
         """Canonical parent name, de-duplicated tags, kind agreeing with the config; limits."""
-        _check_enum(model_pb2.ModelKind, entry.kind, "model.kind")
-        _check_enum(model_pb2.ModelState, entry.state, "model.state")
-        _check_enum(model_pb2.WeightFormat, entry.llm.weight_format, "model.llm.weight_format")
-        _check_enum(model_pb2.WeightFormat, entry.image.weight_format, "model.image.weight_format")
-        _check_enum(model_pb2.ImageBaseModel, entry.image.base_model, "model.image.base_model")
+        check_enum(model_pb2.ModelKind, entry.kind, "model.kind")
+        check_enum(model_pb2.ModelState, entry.state, "model.state")
+        check_enum(model_pb2.WeightFormat, entry.llm.weight_format, "model.llm.weight_format")
+        check_enum(model_pb2.WeightFormat, entry.image.weight_format, "model.image.weight_format")
+        check_enum(model_pb2.ImageBaseModel, entry.image.base_model, "model.image.base_model")
         config = entry.WhichOneof("config")
         if config is not None:
-            expected = _CONFIG_KINDS[config]
+            expected = CONFIG_KINDS[config]
             if entry.kind == model_pb2.MODEL_KIND_UNSPECIFIED:
                 entry.kind = expected
             elif entry.kind != expected:
@@ -724,7 +586,7 @@ class CatalogStore:
                 )
         if entry.parent:
             parent_id = model_id_of(entry.parent)
-            _check_id(parent_id, "parent", "model.parent")
+            check_id(parent_id, "parent", "model.parent")
             entry.parent = MODEL_PREFIX + parent_id
         tags = list(dict.fromkeys(entry.tags))
         for tag in tags:
@@ -744,7 +606,7 @@ class CatalogStore:
                     reason="INVALID_LABEL",
                     violations=[FieldViolation(f"model.labels.{key[:40]}", "key or value too long or empty")],
                 )
-        _check_strings(entry, "model", MAX_MODEL_BYTES)
+        check_strings(entry, "model", MAX_MODEL_BYTES)
 
     @staticmethod
     def _columns(entry: model_pb2.Model) -> dict[str, Any]:
@@ -771,12 +633,12 @@ class CatalogStore:
             ("model_type", model_type),
             ("base_model", base_model),
         ):
-            _check_bytes(field, value, MAX_INDEXED_BYTES)
+            check_bytes(field, value, MAX_INDEXED_BYTES)
         hub_repo = ""
         if entry.source.WhichOneof("source") == "hugging_face":
             hub_repo = entry.source.hugging_face.repo_id.lower()
         for field, value in (("local_path", entry.local_path), ("hub_repo", hub_repo)):
-            _check_bytes(field, value, MAX_INDEXED_BYTES)
+            check_bytes(field, value, MAX_INDEXED_BYTES)
         return {
             "local_path": entry.local_path,
             "hub_repo": hub_repo,
@@ -793,7 +655,7 @@ class CatalogStore:
     ) -> None:
         """Write `entry` over `row` with a new etag and update time."""
         now = self.clock()
-        entry.etag = _new_etag()
+        entry.etag = new_etag()
         entry.update_time.FromDatetime(now)
         for column, value in self._columns(entry).items():
             setattr(row, column, value)
@@ -917,41 +779,41 @@ class CatalogStore:
         field = term.field
         if field == "name":
             value = term.value.removeprefix(MODEL_PREFIX)
-            return _negate(term, _string_match(ModelRow.model_id, Term(field, term.op, value)))
+            return negate(term, string_match(ModelRow.model_id, Term(field, term.op, value)))
         if field in ("model_type", "family"):
-            return _negate(term, _string_match(ModelRow.model_type, term))
+            return negate(term, string_match(ModelRow.model_type, term))
         if field == "architecture":
-            return _negate(term, _string_match(ModelRow.architecture, term))
+            return negate(term, string_match(ModelRow.architecture, term))
         if field == "kind":
-            return _negate(
-                term, ModelRow.kind == _enum_value(model_pb2.ModelKind, "MODEL_KIND_", field, term.value)
+            return negate(
+                term, ModelRow.kind == enum_value(model_pb2.ModelKind, "MODEL_KIND_", field, term.value)
             )
         if field == "state":
-            value = _enum_value(model_pb2.ModelState, "MODEL_STATE_", field, term.value)
-            return _negate(term, ModelRow.state == value)
+            value = enum_value(model_pb2.ModelState, "MODEL_STATE_", field, term.value)
+            return negate(term, ModelRow.state == value)
         if field == "weight_format":
-            value = _enum_value(model_pb2.WeightFormat, "WEIGHT_FORMAT_", field, term.value)
-            return _negate(term, ModelRow.weight_format == value)
+            value = enum_value(model_pb2.WeightFormat, "WEIGHT_FORMAT_", field, term.value)
+            return negate(term, ModelRow.weight_format == value)
         if field == "base_model":
-            return _negate(term, self._base_model_condition(term))
+            return negate(term, self._base_model_condition(term))
         if field == "parent":
             return self._parent_condition(term)
         if field in ("tag", "tags"):
-            tag_match = _string_match(ModelTagRow.tag, term)
+            tag_match = string_match(ModelTagRow.tag, term)
             has_tag = exists().where(ModelTagRow.model_pk == ModelRow.id, tag_match)
-            return _negate(term, has_tag)
+            return negate(term, has_tag)
         if field.startswith("labels."):
             key = field.removeprefix("labels.")
             conditions = [ModelLabelRow.model_pk == ModelRow.id, ModelLabelRow.key == key]
             if not (term.op == filtering.HAS and term.value == "*"):
-                conditions.append(_string_match(ModelLabelRow.value, term))
-            return _negate(term, exists().where(*conditions))
+                conditions.append(string_match(ModelLabelRow.value, term))
+            return negate(term, exists().where(*conditions))
         raise filter_error(f"unknown filter field {field!r}")  # pragma: no cover - parse_filter checks
 
     @staticmethod
     def _base_model_condition(term: Term) -> ColumnElement[bool]:
         if term.value.endswith("*") or term.value == "*":
-            return _string_match(ModelRow.base_model, term)
+            return string_match(ModelRow.base_model, term)
         candidates = {term.value}
         upper = term.value.upper()
         image_names = set(model_pb2.ImageBaseModel.keys())
@@ -975,174 +837,7 @@ class CatalogStore:
             return or_(ModelRow.parent_id.is_(None), ModelRow.parent_id != parent_pk)
         return ModelRow.parent_id == parent_pk
 
-    # ------------------------------------------------------------------ workers
-
-    def upsert_worker(self, worker_id: str, worker: worker_pb2.Worker) -> worker_pb2.Worker:
-        """Register `workers/{worker_id}` or refresh its registration (create_time is kept).
-
-        Registering counts as a heartbeat. The stored state is DRAINING when the
-        worker says so, HEALTHY otherwise.
-        """
-        worker_id = worker_id_of(worker_id)
-        _check_id(worker_id, "worker", "worker_id")
-        entry = worker_pb2.Worker()
-        entry.CopyFrom(worker)
-        entry.name = WORKER_PREFIX + worker_id
-        if entry.state != worker_pb2.WORKER_STATE_DRAINING:
-            entry.state = worker_pb2.WORKER_STATE_HEALTHY
-        _check_bytes("worker.capabilities.engine", entry.capabilities.engine, MAX_INDEXED_BYTES)
-        _check_strings(entry, "worker", MAX_WORKER_BYTES)
-        self.sweep_workers()  # registrations are what adds rows: each one clears expired ones
-        for attempt in range(3):
-            now = self.clock()
-            entry.last_heartbeat_time.FromDatetime(now)
-            try:
-                with self._write() as session:
-                    row = session.scalars(
-                        self._lock(select(WorkerRow).where(WorkerRow.worker_id == worker_id))
-                    ).first()
-                    if row is None:
-                        entry.create_time.FromDatetime(now)
-                        row = WorkerRow(worker_id=worker_id, create_time=now)
-                        session.add(row)
-                    else:
-                        entry.create_time.FromDatetime(row.create_time)
-                    self._fill_worker_row(row, entry, now)
-                return self._derive_state(entry, now)
-            except IntegrityError:
-                # Two registrations of a new id raced; the loser updates the winner's row.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def heartbeat(
-        self,
-        worker_id: str,
-        load: worker_pb2.WorkerLoad | None = None,
-        free_memory_bytes: int | None = None,
-        loaded_models: Sequence[worker_pb2.LoadedModel] | None = None,
-        state: int = worker_pb2.WORKER_STATE_UNSPECIFIED,
-    ) -> worker_pb2.Worker:
-        """Record a heartbeat: load, free memory, loaded models and HEALTHY/DRAINING.
-
-        Arguments left None (or state UNSPECIFIED) keep their stored values. An
-        unknown worker is NotFound (reason WORKER_NOT_FOUND): it must register again.
-        """
-        worker_id = worker_id_of(worker_id)
-        if state not in (
-            worker_pb2.WORKER_STATE_UNSPECIFIED,
-            worker_pb2.WORKER_STATE_HEALTHY,
-            worker_pb2.WORKER_STATE_DRAINING,
-        ):
-            raise InvalidArgument(
-                "a heartbeat reports HEALTHY or DRAINING; UNAVAILABLE is decided by the catalog",
-                reason="INVALID_WORKER_STATE",
-                violations=[FieldViolation("state", "must be HEALTHY, DRAINING or unset")],
-            )
-        now = self.clock()
-        with self._write() as session:
-            row = session.scalars(
-                self._lock(select(WorkerRow).where(WorkerRow.worker_id == worker_id))
-            ).first()
-            if row is None:
-                raise self._worker_not_found(worker_id)
-            entry = self._worker_entry(worker_id, row.data)
-            if load is not None:
-                entry.load.CopyFrom(load)
-            if free_memory_bytes is not None:
-                entry.device.free_memory_bytes = free_memory_bytes
-            if loaded_models is not None:
-                del entry.loaded_models[:]
-                entry.loaded_models.extend(loaded_models)
-            if state != worker_pb2.WORKER_STATE_UNSPECIFIED:
-                entry.state = state  # type: ignore[assignment]
-            entry.last_heartbeat_time.FromDatetime(now)
-            _check_strings(entry, "worker", MAX_WORKER_BYTES)
-            self._fill_worker_row(row, entry, now)
-        return self._derive_state(entry, now)
-
-    def sweep_workers(self) -> list[str]:
-        """Delete the workers whose last heartbeat is older than `worker_retention` seconds.
-
-        An expired worker shows as UNAVAILABLE for a while (routing and operators see
-        it went away), then its row goes: registrations cannot pile up rows forever. A
-        worker that comes back later registers again (its heartbeat answers
-        WORKER_NOT_FOUND). Returns the names deleted.
-        """
-        cutoff = self.clock() - timedelta(seconds=self.worker_retention)
-        with self._write() as session:
-            gone = session.scalars(
-                select(WorkerRow.worker_id).where(WorkerRow.last_heartbeat_time < cutoff)
-            ).all()
-            if gone:
-                session.execute(delete(WorkerRow).where(WorkerRow.worker_id.in_(gone)))
-        self._worker_cache.discard(gone)
-        return [WORKER_PREFIX + worker_id for worker_id in sorted(gone)]
-
-    def delete_worker(self, worker_id: str) -> None:
-        """Remove a worker's registration (NotFound, reason WORKER_NOT_FOUND, if absent)."""
-        worker_id = worker_id_of(worker_id)
-        with self._write() as session:
-            result = session.execute(delete(WorkerRow).where(WorkerRow.worker_id == worker_id))
-            if getattr(result, "rowcount", 0) == 0:
-                raise self._worker_not_found(worker_id)
-
-    def get_worker(self, worker_id: str) -> worker_pb2.Worker:
-        """The worker `workers/{worker_id}` with its derived state."""
-        worker_id = worker_id_of(worker_id)
-        with self._read() as conn:
-            data = conn.execute(self._get_worker_stmt, {"worker_id": worker_id}).scalar()
-        if data is None:
-            raise self._worker_not_found(worker_id)
-        return self._parse_worker(worker_id, data, self.clock())
-
-    def list_workers(
-        self, page_size: int = 0, page_token: str = "", filter: str = ""
-    ) -> tuple[list[worker_pb2.Worker], str]:
-        """One page of workers ordered by id, and the next page's token ('' at the end).
-
-        `filter` fields: name (prefix with `*`), role, engine, state (the derived
-        state: `state = UNAVAILABLE` finds workers whose heartbeat lapsed).
-        """
-        size = paging.page_size(page_size)
-        terms = filtering.parse_filter(filter, WORKER_FILTER_FIELDS)
-        query = "workers?" + filtering.canonical(terms)
-        last = paging.decode_page_token(page_token, query, kinds=(str,))
-        now = self.clock()
-        conditions = [self._worker_condition(term, now) for term in terms]
-        if last is not None:
-            conditions.append(WorkerRow.worker_id > str(last[0]))
-        sizes = (
-            select(WorkerRow.worker_id, func.length(WorkerRow.data).label("size"))
-            .where(and_(true(), *conditions))
-            .order_by(WorkerRow.worker_id)
-            .limit(size + 1)
-        )
-        with self._read() as conn:
-            listed = conn.execute(sizes).all()
-            count, more = paging.fit_page((int(r.size or 0) for r in listed), size)
-            ids = [r.worker_id for r in listed[:count]]
-            rows = (
-                conn.execute(
-                    select(WorkerRow.worker_id, WorkerRow.data)
-                    .where(WorkerRow.worker_id.in_(ids))
-                    .order_by(WorkerRow.worker_id)
-                ).all()
-                if ids
-                else []
-            )
-        workers = [self._parse_worker(r.worker_id, r.data, now) for r in rows]
-        next_token = paging.encode_page_token([ids[-1]], query) if more and ids else ""
-        return workers, next_token
-
-    def all_workers(self) -> list[worker_pb2.Worker]:
-        """Every registered worker, ordered by id, with derived states (for routing)."""
-        now = self.clock()
-        with self._read() as conn:
-            rows = conn.execute(
-                select(WorkerRow.worker_id, WorkerRow.data).order_by(WorkerRow.worker_id)
-            ).all()
-        return [self._parse_worker(r.worker_id, r.data, now) for r in rows]
+    # ------------------------------------------------------------------ counts
 
     def count_models(self) -> dict[tuple[str, str], int]:
         """Number of models per (kind, state) name, e.g. ("MODEL_KIND_LLM", "MODEL_STATE_READY")."""
@@ -1151,58 +846,6 @@ class CatalogStore:
                 select(ModelRow.kind, ModelRow.state, func.count()).group_by(ModelRow.kind, ModelRow.state)
             ).all()
         return {(kind, state): int(count) for kind, state, count in rows}
-
-    # ------------------------------------------------------------------ worker helpers
-
-    @staticmethod
-    def _fill_worker_row(row: WorkerRow, entry: worker_pb2.Worker, now: datetime) -> None:
-        _check_enum(worker_pb2.WorkerRole, entry.role, "worker.role")
-        _check_enum(worker_pb2.WorkerState, entry.state, "worker.state")
-        row.role = worker_pb2.WorkerRole.Name(entry.role)
-        row.engine = entry.capabilities.engine
-        row.address = entry.address
-        row.state = worker_pb2.WorkerState.Name(entry.state)
-        row.last_heartbeat_time = now
-        row.data = _to_json(entry)
-
-    def _derive_state(self, worker: worker_pb2.Worker, now: datetime) -> worker_pb2.Worker:
-        beat = worker.last_heartbeat_time.seconds + worker.last_heartbeat_time.nanos / 1e9
-        if now.timestamp() - beat > self.heartbeat_ttl:
-            worker.state = worker_pb2.WORKER_STATE_UNAVAILABLE
-        return worker
-
-    def _worker_condition(self, term: Term, now: datetime) -> ColumnElement[bool]:
-        field = term.field
-        if field == "name":
-            value = term.value.removeprefix(WORKER_PREFIX)
-            return _negate(term, _string_match(WorkerRow.worker_id, Term(field, term.op, value)))
-        if field == "role":
-            value = _enum_value(worker_pb2.WorkerRole, "WORKER_ROLE_", field, term.value)
-            return _negate(term, WorkerRow.role == value)
-        if field == "engine":
-            return _negate(term, _string_match(WorkerRow.engine, term))
-        if field == "state":
-            value = _enum_value(worker_pb2.WorkerState, "WORKER_STATE_", field, term.value)
-            cutoff = now - timedelta(seconds=self.heartbeat_ttl)
-            lapsed = WorkerRow.last_heartbeat_time < cutoff
-            condition: ColumnElement[bool]
-            if value == "WORKER_STATE_UNAVAILABLE":
-                condition = lapsed
-            elif value == "WORKER_STATE_UNSPECIFIED":
-                condition = false()
-            else:
-                condition = and_(WorkerRow.state == value, not_(lapsed))
-            return _negate(term, condition)
-        raise filter_error(f"unknown filter field {field!r}")  # pragma: no cover - parse_filter checks
-
-    @staticmethod
-    def _worker_not_found(worker_id: str) -> NotFound:
-        name = WORKER_PREFIX + worker_id
-        return NotFound(
-            f"worker {name} not found; a worker registers again after this",
-            reason="WORKER_NOT_FOUND",
-            metadata={"worker": name},
-        )
 
 
 def _is_set(model: model_pb2.Model, path: str) -> bool:
