@@ -161,6 +161,8 @@ def construction_problems(config: Any, model_path: Path) -> list[str]:
     from vllm.distributed import parallel_state
     from vllm.model_executor.model_loader.utils import initialize_model
 
+    if _uses_transformers_backend(config):
+        return []
     files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
     with _META_LOCK:
         if dist.is_initialized():
@@ -191,6 +193,21 @@ def construction_problems(config: Any, model_path: Path) -> list[str]:
                 parallel_state.destroy_model_parallel()
                 parallel_state.destroy_distributed_environment()
     return []
+
+
+def _uses_transformers_backend(config: Any) -> bool:
+    """Whether vLLM runs the model through its generic Transformers modeling backend. That
+    backend builds transformers' own model class with vLLM layers swapped in, and doing so in
+    this process leaves transformers' class unusable for the transformers engine next to it
+    ("Current vLLM config is not set ... CustomOp"): no meta build for it (the load decides)."""
+    from vllm.model_executor.models import ModelRegistry
+
+    model_config = config.model_config
+    try:
+        model_class, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    except Exception:
+        return True
+    return str(model_class.__module__).startswith("vllm.model_executor.models.transformers")
 
 
 def _router_problems(model: Any) -> list[str]:
