@@ -8,10 +8,10 @@ unchanged.
 
 Memory: each cached entry costs `entry_bytes()`: the Python size of its key,
 its check string and its serialized proto, plus `ENTRY_OVERHEAD` for the
-dictionary slot, the ordering link, the tuple and the size (measured with tracemalloc
-on CPython 3.11 over 10 000 entries: 162 bytes each; 200 is the bound used). A typical worker (capabilities
-of one engine, a few loaded models) is ~1.5 KB of JSON and ~0.8 KB serialized:
-~2.7 KB cached. The default bound, `DEFAULT_MAX_BYTES` (16 MiB), holds ~6000 of
+dictionary slot, the ordering link, the tuple and the size (measured with
+tracemalloc on CPython 3.11 over 10 000 entries: 162 bytes each; 200 is the bound
+used). A worker whose JSON is 1.5 KB and whose serialized proto is 0.8 KB counts
+~2.7 KB; the default bound, `DEFAULT_MAX_BYTES` (16 MiB), holds ~6000 such
 them. An entry larger than the whole bound is not cached.
 """
 
