@@ -12,7 +12,7 @@ dictionary slot, the ordering link, the tuple and the size (measured with
 tracemalloc on CPython 3.11 over 10 000 entries: 162 bytes each; 200 is the bound
 used). A worker whose JSON is 1.5 KB and whose serialized proto is 0.8 KB counts
 ~2.7 KB; the default bound, `DEFAULT_MAX_BYTES` (16 MiB), holds ~6000 such
-them. An entry larger than the whole bound is not cached.
+workers. An entry larger than the whole bound is not cached.
 """
 
 from __future__ import annotations
