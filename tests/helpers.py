@@ -81,13 +81,14 @@ class ServerProcess:
             cwd=ROOT,
         )
 
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        """Wait until health reports SERVING; fail with the log when the process dies."""
+    def wait_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        """Wait until health reports SERVING (for `service`, or the server as a whole); fail
+        with the log when the process dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.module} exited with {self.proc.returncode}: {self.log()}")
-            if health_status(self.address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
+            if health_status(self.address, service, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{self.module} not SERVING after {timeout} s: {self.log()}")

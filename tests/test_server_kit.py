@@ -36,7 +36,7 @@ def test_server_lists_describes_and_reports_health(
         log_path=tmp_path / "server.log",
     )
     try:
-        server.wait_serving()
+        server.wait_serving(service=service)  # the catalog's service serves once warmed up
         listed = grpcurl(server.address, "list")
         assert listed.returncode == 0, listed.stderr
         assert service in listed.stdout.split()

@@ -65,7 +65,7 @@ CI_KEYS: tuple[str, ...] = (
     "gemma2", "gemma3_text", "phi", "phi3", "glm", "cohere", "olmo", "olmo2", "stablelm",
     "starcoder2", "persimmon", "nemotron", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "codegen",
     "falcon", "opt", "bloom", "mpt", "granite", "smollm3", "exaone4", "mixtral", "qwen2_moe",
-    "deepseek_v2", "mamba", "lfm2", "dbrx", "laguna", "kimi_linear", "gguf-llama-f16", "gguf-llama-q8_0",
+    "deepseek_v2", "mamba", "lfm2", "dbrx", "laguna", "gguf-llama-f16", "gguf-llama-q8_0",
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[2]

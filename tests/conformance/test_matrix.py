@@ -47,8 +47,6 @@ def test_the_default_worker_serves_every_model_on_an_engine_that_runs_it(rows: l
         or (not row.chosen and any(cell.runs for cell in row.cells.values()))
     ]
     assert unserved == []
-    refused = [row.spec.key for row in rows if not row.chosen]
-    assert refused == ["kimi_linear"]
 
 
 def test_vllm_refuses_head_size_16_before_loading_and_transformers_serves_it(rows: list[Row]) -> None:
