@@ -50,25 +50,40 @@ def _pair(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class DpoStrategy(Strategy):
-    """Trains a LoRA adapter on prompt/chosen/rejected pairs; saves the adapter folder."""
+    """Trains a LoRA adapter on prompt/chosen/rejected pairs; saves the adapter folder.
+
+    The preference methods built on it (ORPO, KTO) differ only in their TRL classes, their
+    rows (`dataset`) and whether the trainer takes a reference model."""
 
     method = Method.DPO
     produces_adapter = True
+    #: The trainer takes `ref_model=None`: the base with the adapter off is the reference.
+    uses_reference_model = True
 
-    def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
+    def trl_classes(self) -> tuple[Any, Any]:
+        """TRL's config and trainer classes of the method."""
         from trl import DPOConfig, DPOTrainer
 
+        return DPOConfig, DPOTrainer
+
+    def dataset(self, rows: Sequence[dict[str, Any]], ctx: TrainContext) -> Any:
+        """The method's rows as a `datasets.Dataset`."""
+        return preference_dataset(rows)
+
+    def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
+        config_class, trainer_class = self.trl_classes()
         device = detect_device()
         tokenizer = load_tokenizer(ctx.base_model_path, allow_remote_code=ctx.allow_remote_code)
         model = load_model(ctx.base_model_path, device, allow_remote_code=ctx.allow_remote_code)
-        train_data = preference_dataset(ctx.rows)
-        eval_data = preference_dataset(ctx.eval_rows) if ctx.eval_rows else None
-        args = DPOConfig(
+        train_data = self.dataset(ctx.rows, ctx)
+        eval_data = self.dataset(ctx.eval_rows, ctx) if ctx.eval_rows else None
+        args = config_class(
             **common_arguments(ctx, device, has_eval=eval_data is not None), beta=ctx.hyper.dpo_beta
         )
-        trainer = DPOTrainer(
+        reference = {"ref_model": None} if self.uses_reference_model else {}
+        trainer = trainer_class(
             model=model,
-            ref_model=None,
+            **reference,
             args=args,
             train_dataset=train_data,
             eval_dataset=eval_data,

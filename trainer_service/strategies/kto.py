@@ -14,13 +14,6 @@ from typing import Any
 from trainer_service.datasets import DatasetFormat, Method
 from trainer_service.strategies.base import (
     TrainContext,
-    TrainResult,
-    common_arguments,
-    detect_device,
-    load_model,
-    load_tokenizer,
-    lora_config,
-    run_trainer,
 )
 from trainer_service.strategies.dpo import DpoStrategy, plain
 
@@ -46,29 +39,12 @@ class KtoStrategy(DpoStrategy):
     method = Method.KTO
     produces_adapter = True
 
-    def train(self, ctx: TrainContext, callbacks: Sequence[Any]) -> TrainResult:
-        from datasets import Dataset
+    def trl_classes(self) -> tuple[Any, Any]:
         from trl import KTOConfig, KTOTrainer
 
-        device = detect_device()
-        tokenizer = load_tokenizer(ctx.base_model_path, allow_remote_code=ctx.allow_remote_code)
-        model = load_model(ctx.base_model_path, device, allow_remote_code=ctx.allow_remote_code)
-        train_data = Dataset.from_list(unpaired_rows(ctx.rows, ctx.dataset_format))
-        eval_data = (
-            Dataset.from_list(unpaired_rows(ctx.eval_rows, ctx.dataset_format)) if ctx.eval_rows else None
-        )
-        args = KTOConfig(
-            **common_arguments(ctx, device, has_eval=eval_data is not None), beta=ctx.hyper.dpo_beta
-        )
-        trainer = KTOTrainer(
-            model=model,
-            ref_model=None,
-            args=args,
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            processing_class=tokenizer,
-            peft_config=lora_config(ctx.hyper),
-            callbacks=list(callbacks),
-        )
-        result = run_trainer(trainer, ctx, perplexity=False)
-        return self.save_adapter(trainer, tokenizer, ctx, result)
+        return KTOConfig, KTOTrainer
+
+    def dataset(self, rows: Sequence[dict[str, Any]], ctx: TrainContext) -> Any:
+        from datasets import Dataset
+
+        return Dataset.from_list(unpaired_rows(rows, ctx.dataset_format))
