@@ -111,17 +111,24 @@ _LAYER_OPS = {
 }
 
 
-def missing_kernels(config: Any) -> list[str]:
-    """Compiled kernels the model's vLLM class needs and this vLLM build lacks: the layer
-    classes its module uses (`_LAYER_OPS`) against the ops vLLM's extension registered."""
-    import torch
+def vllm_model_class(config: Any) -> type | None:
+    """The model class vLLM runs the model of `config` (a `VllmConfig`) with, or None when its
+    registry resolves none (the configuration step answers for those)."""
     from vllm.model_executor.models import ModelRegistry
 
     model_config = config.model_config
     try:
         model_class, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
-    except Exception:  # the configuration step already answered for unknown architectures
-        return []
+    except Exception:
+        return None
+    return model_class
+
+
+def missing_kernels(model_class: type) -> list[str]:
+    """Compiled kernels the model's vLLM class needs and this vLLM build lacks: the layer
+    classes its module uses (`_LAYER_OPS`) against the ops vLLM's extension registered."""
+    import torch
+
     module = sys.modules.get(model_class.__module__)
     problems = []
     for layer_path, (op, what) in _LAYER_OPS.items():
@@ -147,7 +154,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def construction_problems(config: Any, model_path: Path) -> list[str]:
+def construction_problems(config: Any, model_class: type, model_path: Path) -> list[str]:
     """vLLM's own model class built for `config` on PyTorch's meta device (no memory, no
     data), then fed the checkpoint's tensor names and shapes through its `load_weights`: what
     vLLM's model code refuses about this config or these weights ("'Lfm2Config' object has no
@@ -161,7 +168,7 @@ def construction_problems(config: Any, model_path: Path) -> list[str]:
     from vllm.distributed import parallel_state
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    if _uses_transformers_backend(config):
+    if _uses_transformers_backend(model_class):
         return []
     files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
     with _META_LOCK:
@@ -182,31 +189,21 @@ def construction_problems(config: Any, model_path: Path) -> list[str]:
                     model = initialize_model(vllm_config=config)
                     if files:
                         model.load_weights(_meta_tensors(files))
-                problems = _router_problems(model)
-                if problems:
-                    return problems
+                return _router_problems(model)
             except Exception as exc:
                 if "meta" in str(exc).lower():
                     return []
-                return [f"vLLM's {_model_name(config)} refuses it: {type(exc).__name__}: {first_line(exc)}"]
+                return [f"vLLM's {model_class.__name__} refuses it: {type(exc).__name__}: {first_line(exc)}"]
             finally:
                 parallel_state.destroy_model_parallel()
                 parallel_state.destroy_distributed_environment()
-    return []
 
 
-def _uses_transformers_backend(config: Any) -> bool:
+def _uses_transformers_backend(model_class: type) -> bool:
     """Whether vLLM runs the model through its generic Transformers modeling backend. That
     backend builds transformers' own model class with vLLM layers swapped in, and doing so in
     this process leaves transformers' class unusable for the transformers engine next to it
     ("Current vLLM config is not set ... CustomOp"): no meta build for it (the load decides)."""
-    from vllm.model_executor.models import ModelRegistry
-
-    model_config = config.model_config
-    try:
-        model_class, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
-    except Exception:
-        return True
     return str(model_class.__module__).startswith("vllm.model_executor.models.transformers")
 
 
@@ -243,8 +240,3 @@ def _meta_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
                 piece = handle.get_slice(name)
                 dtype = getattr(torch, _SAFETENSORS_DTYPES.get(piece.get_dtype(), "float32"))
                 yield name, torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-
-
-def _model_name(config: Any) -> str:
-    architectures = getattr(config.model_config, "architectures", None) or ["model"]
-    return str(architectures[0])

@@ -44,6 +44,7 @@ from inference_service.engines.vllm_checks import (
     first_line,
     known_limitations,
     missing_kernels,
+    vllm_model_class,
 )
 from inference_service.engines.vllm_requests import sampling_params, token_logprobs
 from server_kit.errors import (
@@ -262,9 +263,12 @@ class VllmEngine(Engine):
             config = self._engine_args().create_engine_config()
         except Exception as exc:
             raise ModelUnsupported(self.name, "dry_run", first_line(exc)) from exc
-        problems = attention_problems(config) + known_limitations(config) + missing_kernels(config)
-        if not problems:
-            problems = construction_problems(config, self._model_path)
+        problems = attention_problems(config) + known_limitations(config)
+        model_class = vllm_model_class(config)
+        if model_class is not None:
+            problems += missing_kernels(model_class)
+            if not problems:
+                problems = construction_problems(config, model_class, self._model_path)
         if problems:
             raise ModelUnsupported(self.name, "dry_run", "; ".join(problems))
 
