@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from catalog_service.compatibility import check, engines
-from catalog_service.compatibility.rules import (
+from catalog_service.compatibility.context import (
     FAIL,
     PASS,
     CompatibilityReport,

@@ -27,8 +27,7 @@ the `observed` rule.
 from __future__ import annotations
 
 from catalog_service.compatibility import engines
-from catalog_service.compatibility.rules import (
-    COMMON_RULES,
+from catalog_service.compatibility.context import (
     FAIL,
     SKIP,
     WARN,
@@ -46,6 +45,7 @@ from catalog_service.compatibility.rules import (
     join_or,
     verdict_of,
 )
+from catalog_service.compatibility.rules import COMMON_RULES
 from modelyard.catalog.v1 import worker_pb2
 
 __all__ = [
@@ -74,7 +74,7 @@ def engine_names() -> list[str]:
 def rule_names(engine: str) -> list[str]:
     """Rule ids a report for `engine` has, in order (the common rules for an unknown engine)."""
     table = engines.get(engine)
-    return table.rule_names if table else [rule.name for rule in COMMON_RULES]
+    return [rule.name for rule in (*COMMON_RULES, *(table.extra_rules if table else ()))]
 
 
 def check(

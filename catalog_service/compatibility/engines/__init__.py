@@ -7,7 +7,7 @@ import line at the bottom of this file.
 
 from __future__ import annotations
 
-from catalog_service.compatibility.rules import EngineTable
+from catalog_service.compatibility.context import EngineTable
 
 _REGISTRY: dict[str, EngineTable] = {}
 

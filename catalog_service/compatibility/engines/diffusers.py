@@ -7,8 +7,7 @@ the file is used; hypernetworks have no loader in diffusers and FAIL.
 
 from __future__ import annotations
 
-from catalog_service.compatibility.engines import register
-from catalog_service.compatibility.rules import (
+from catalog_service.compatibility.context import (
     INFERENCE,
     Context,
     EngineTable,
@@ -21,6 +20,7 @@ from catalog_service.compatibility.rules import (
     warned,
     with_article,
 )
+from catalog_service.compatibility.engines import register
 from modelyard.catalog.v1 import model_pb2
 
 

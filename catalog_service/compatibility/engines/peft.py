@@ -15,9 +15,7 @@ the estimate is a floor.
 
 from __future__ import annotations
 
-from catalog_service.compatibility.engines import register
-from catalog_service.compatibility.engines.transformers import causal_lm_architectures
-from catalog_service.compatibility.rules import (
+from catalog_service.compatibility.context import (
     TRAINING,
     Context,
     EngineTable,
@@ -28,6 +26,8 @@ from catalog_service.compatibility.rules import (
     gib,
     weights_bytes,
 )
+from catalog_service.compatibility.engines import register
+from catalog_service.compatibility.engines.transformers import causal_lm_architectures
 from modelyard.catalog.v1 import model_pb2
 
 

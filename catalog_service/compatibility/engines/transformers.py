@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from catalog_service.compatibility.context import INFERENCE, EngineTable
 from catalog_service.compatibility.engines import register
-from catalog_service.compatibility.rules import INFERENCE, EngineTable
 from modelyard.catalog.v1 import model_pb2
 
 

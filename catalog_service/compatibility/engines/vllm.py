@@ -16,8 +16,8 @@ context (`kv_cache_tokens=None`).
 
 from __future__ import annotations
 
+from catalog_service.compatibility.context import INFERENCE, EngineTable
 from catalog_service.compatibility.engines import register
-from catalog_service.compatibility.rules import INFERENCE, EngineTable
 from modelyard.catalog.v1 import model_pb2
 
 #: Common text-generation architectures of vLLM, for workers that list none.
