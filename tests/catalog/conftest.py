@@ -84,3 +84,15 @@ def store(db_url: str, clock: FakeClock) -> Iterator[CatalogStore]:
         yield catalog
     finally:
         catalog.close()
+
+
+@pytest.fixture
+def postgres_store(shared_postgres_url: str, clock: FakeClock) -> Iterator[CatalogStore]:
+    """A `CatalogStore` on the emptied shared PostgreSQL database only (for what only
+    PostgreSQL stores do)."""
+    truncate_tables(shared_postgres_url)
+    catalog = CatalogStore(shared_postgres_url, clock=clock, heartbeat_ttl=30, auto_migrate=False)
+    try:
+        yield catalog
+    finally:
+        catalog.close()

@@ -169,10 +169,11 @@ def test_workers_read_the_same_with_or_without_cache(db_url: str, cache_bytes: i
         store.close()
 
 
-def test_get_model_on_the_event_loop_reads_the_same(store: CatalogStore) -> None:
+@pytest.mark.postgres
+def test_get_model_on_the_event_loop_reads_the_same(postgres_store: CatalogStore) -> None:
     """PostgreSQL's no-thread GetModel (`fast_reads.PostgresLookups`) answers like `get_model`."""
-    if not store.async_reads:
-        pytest.skip("only PostgreSQL stores read on the event loop")
+    store = postgres_store
+    assert store.async_reads  # PostgreSQL stores read on the event loop
     created = store.create_model("on-loop", rich_entry("on-loop"))
 
     async def reads() -> None:
@@ -187,9 +188,10 @@ def test_get_model_on_the_event_loop_reads_the_same(store: CatalogStore) -> None
     asyncio.run(reads())  # another loop: a connection of its own
 
 
-def test_pages_on_the_event_loop_match_the_threaded_ones(store: CatalogStore) -> None:
-    if not store.async_reads:
-        pytest.skip("only PostgreSQL stores read on the event loop")
+@pytest.mark.postgres
+def test_pages_on_the_event_loop_match_the_threaded_ones(postgres_store: CatalogStore) -> None:
+    store = postgres_store
+    assert store.async_reads  # PostgreSQL stores read on the event loop
     for i in range(5):
         store.create_model(f"page-{i}", rich_entry(f"page-{i}"))
 
