@@ -30,6 +30,7 @@ from catalog_service import db
 from catalog_service.db import EngineOutcomeRow, ModelRow
 from catalog_service.store import MODEL_PREFIX, CatalogStore, Clock, model_id_of, utc_now
 from modelyard.catalog.v1 import worker_pb2
+from server_kit.database import write_session
 from server_kit.errors import NotFound
 
 MAX_ENGINE_BYTES = 256
@@ -75,14 +76,9 @@ class OutcomeStore:
         with db.database_errors(), self._read_engine.connect() as conn:
             yield conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self) -> contextlib.AbstractContextManager[Session]:
         """A session in one transaction; on SQLite it holds the write lock from the start."""
-        with db.database_errors(), self.engine.connect() as conn:
-            if self._sqlite:
-                conn.execution_options(**{db.SQLITE_IMMEDIATE: True})
-            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
-                yield session
+        return write_session(self.engine, db.database_errors())
 
     def _upsert(self, values: dict[str, Any]) -> Any:
         """INSERT ... ON CONFLICT (key) DO UPDATE: one statement, atomic on both databases."""

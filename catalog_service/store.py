@@ -87,6 +87,7 @@ from catalog_service.store_common import (
 from catalog_service.worker_store import WorkerStore
 from modelyard.catalog.v1 import model_pb2
 from server_kit import filtering, paging
+from server_kit.database import write_session
 from server_kit.errors import (
     Aborted,
     AlreadyExists,
@@ -221,14 +222,9 @@ class CatalogStore(WorkerStore):
         with db.database_errors(), self._read_engine.connect() as conn:
             yield conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self) -> contextlib.AbstractContextManager[Session]:
         """A session in one transaction; on SQLite it holds the write lock from the start."""
-        with db.database_errors(), self.engine.connect() as conn:
-            if self._sqlite:
-                conn.execution_options(**{db.SQLITE_IMMEDIATE: True})
-            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
-                yield session
+        return write_session(self.engine, db.database_errors())
 
     def _lock(self, statement: Any) -> Any:
         # SQLite's BEGIN IMMEDIATE already serializes writers.

@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Dialect, Engine, MetaData, create_engine, event, exc, text
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.types import TypeDecorator
 
@@ -154,6 +155,20 @@ def make_engine(url: str | URL, *, statement_timeout_ms: int = STATEMENT_TIMEOUT
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+@contextlib.contextmanager
+def write_session(
+    engine: Engine, errors: contextlib.AbstractContextManager[None], *, expire_on_commit: bool = False
+) -> Iterator[Session]:
+    """A session on `engine` in one transaction, its driver errors turned by `errors` (a
+    service's `database_errors()`); on SQLite the transaction holds the write lock from the
+    start (BEGIN IMMEDIATE), so concurrent writers queue instead of failing to upgrade."""
+    with errors, engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execution_options(**{SQLITE_IMMEDIATE: True})
+        with Session(bind=conn, expire_on_commit=expire_on_commit) as session, session.begin():
+            yield session
 
 
 @contextlib.contextmanager

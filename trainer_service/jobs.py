@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
 from server_kit import filtering, paging
+from server_kit.database import write_session
 from server_kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server_kit.security import check_stored_strings
 from trainer_service import db
@@ -139,7 +140,6 @@ class JobStore:
 
     def __init__(self, url: str | URL | Engine, *, clock: Callable[[], datetime] | None = None) -> None:
         self.engine = url if isinstance(url, Engine) else db.make_engine(url)
-        self._sqlite = self.engine.dialect.name == "sqlite"
         self._postgres = self.engine.dialect.name == "postgresql"
         self.clock = clock or (lambda: datetime.now(UTC))
 
@@ -159,14 +159,9 @@ class JobStore:
         with db.database_errors(), self.engine.connect() as conn:
             yield conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self) -> contextlib.AbstractContextManager[Session]:
         """A session in one transaction; on SQLite it holds the write lock from the start."""
-        with db.database_errors(), self.engine.connect() as conn:
-            if self._sqlite:
-                conn.execution_options(**{db.SQLITE_IMMEDIATE: True})
-            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
-                yield session
+        return write_session(self.engine, db.database_errors())
 
     @staticmethod
     def _parse(data: str) -> pb.TrainingJob:

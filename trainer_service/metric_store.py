@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from modelyard.trainer.v1 import trainer_service_pb2 as pb
 from server_kit import paging
+from server_kit.database import write_session
 from trainer_service import db
 from trainer_service.db import MetricRow
 
@@ -34,7 +35,6 @@ class MetricStore:
 
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None) -> None:
         self.engine = engine
-        self._sqlite = engine.dialect.name == "sqlite"
         self.clock = clock or (lambda: datetime.now(UTC))
 
     @contextlib.contextmanager
@@ -42,13 +42,9 @@ class MetricStore:
         with db.database_errors(), self.engine.connect() as conn:
             yield conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        with db.database_errors(), self.engine.connect() as conn:
-            if self._sqlite:
-                conn.execution_options(**{db.SQLITE_IMMEDIATE: True})
-            with Session(bind=conn) as session, session.begin():
-                yield session
+    def _write(self) -> contextlib.AbstractContextManager[Session]:
+        """A session in one transaction; on SQLite it holds the write lock from the start."""
+        return write_session(self.engine, db.database_errors(), expire_on_commit=True)
 
     def record(
         self, job_id: str, kind: pb.MetricKind.ValueType, step: int, epoch: float, values: Mapping[str, float]
